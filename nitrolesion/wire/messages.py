@@ -1,0 +1,273 @@
+"""Typed message bodies carried inside frames (CBOR maps), with strict validation.
+
+Each message class knows its frame type, encodes itself with ``to_body()`` and is parsed by
+``decode_message(frame)``, which checks every field's type and size and raises
+:class:`~nitrolesion.errors.ProtocolError` for anything else. Like the frame decoder this
+module does no I/O.
+
+The flows (see README for the sequence diagram):
+
+- boot: enclave -> parent server  ENCLAVE_ANNOUNCE(public_key, attestation) / ANNOUNCE_ACK
+- one-shot (``parent.py client``): client -> enclave HELLO(nonce) / ATTESTATION, then
+  SEALED_REQUEST (hybrid envelope, reply goes to the parent server) / ACCEPTED; later the
+  enclave sends SEALED_RESULT to the parent server over its announce connection.
+- session (``parent.py classify``): HELLO / ATTESTATION, SESSION_OPEN(session key wrapped to
+  the attested key) / SESSION_READY, then any number of SESSION_CLASSIFY / SESSION_RESULT,
+  each sealed with the session key and a per-direction counter.
+- ERROR(code, message) may answer anything; GOODBYE ends a session politely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import cbor2
+
+from nitrolesion.errors import ProtocolError
+from nitrolesion.wire.frames import Frame, MessageType
+
+#: Size limits for fields, in bytes. An RSA-3072 SPKI is 422 bytes; a Nitro attestation
+#: document is 4-8 KiB (16 KiB leaves room for 1 KiB user_data/nonce/public_key fields).
+MAX_PUBLIC_KEY = 1024
+MAX_ATTESTATION = 16 * 1024
+NONCE_SIZES = range(16, 65)
+REQUEST_ID_SIZE = 16
+SESSION_ID_SIZE = 16
+WRAPPED_KEY_SIZE = 384  # RSA-3072 modulus
+GCM_NONCE_SIZE = 12
+MAX_ERROR_TEXT = 512
+
+
+class ErrorCode:
+    """Codes carried by ERROR frames and sealed per-image errors."""
+
+    BAD_FRAME = "BAD_FRAME"            # not a frame: wrong magic, version, type or length
+    BAD_MESSAGE = "BAD_MESSAGE"        # a frame whose body is not the expected message
+    UNEXPECTED = "UNEXPECTED"          # a valid message at the wrong point of the flow
+    DECRYPT_FAILED = "DECRYPT_FAILED"  # ciphertext did not authenticate
+    REPLAY = "REPLAY"                  # request id or counter seen before / out of order
+    BAD_IMAGE = "BAD_IMAGE"            # decrypted fine, but not an acceptable image
+    BUSY = "BUSY"                      # queue full: try again later
+    TIMEOUT = "TIMEOUT"                # the peer was too slow
+    UNAVAILABLE = "UNAVAILABLE"        # e.g. the parent link is down
+    INTERNAL = "INTERNAL"              # a bug on our side; details only in our own log
+
+
+def _check_bytes(name: str, value, sizes) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"field {name!r}: expected bytes, got {type(value).__name__}")
+    if isinstance(sizes, int):
+        ok = len(value) == sizes
+    elif isinstance(sizes, range):
+        ok = len(value) in sizes
+    else:
+        ok = len(value) <= sizes[1]
+    if not ok:
+        raise ProtocolError(f"field {name!r}: unexpected length {len(value)}")
+    return value
+
+
+def _check_text(name: str, value, limit: int) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"field {name!r}: expected text of at most {limit} characters")
+    return value
+
+
+def _check_counter(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ProtocolError(f"field {name!r}: expected an integer counter")
+    return value
+
+
+def _max(limit: int):
+    return (0, limit)
+
+
+class Message:
+    """Base class: subclasses are frozen dataclasses with a ``TYPE`` and a field schema."""
+
+    TYPE: ClassVar[MessageType]
+    SCHEMA: ClassVar[dict]
+
+    def to_body(self) -> bytes:
+        return cbor2.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_fields(cls, data: dict) -> "Message":
+        expected = set(cls.SCHEMA)
+        if set(data) != expected:
+            raise ProtocolError(
+                f"{cls.TYPE.name}: expected fields {sorted(expected)}, got {sorted(map(str, data))}")
+        values = {}
+        for name, check in cls.SCHEMA.items():
+            values[name] = check(name, data[name])
+        return cls(**values)
+
+
+def _bytes(sizes):
+    return lambda name, value: _check_bytes(name, value, sizes)
+
+
+def _text(limit):
+    return lambda name, value: _check_text(name, value, limit)
+
+
+def _choice(*options):
+    def check(name, value):
+        if value not in options:
+            raise ProtocolError(f"field {name!r}: expected one of {options}, got {value!r}")
+        return value
+    return check
+
+
+@dataclass(frozen=True)
+class EnclaveAnnounce(Message):
+    """The enclave's public key (SPKI DER) and an attestation document that binds it."""
+
+    public_key: bytes
+    attestation: bytes
+    TYPE: ClassVar = MessageType.ENCLAVE_ANNOUNCE
+    SCHEMA: ClassVar = {"public_key": _bytes(_max(MAX_PUBLIC_KEY)),
+                        "attestation": _bytes(_max(MAX_ATTESTATION))}
+
+
+@dataclass(frozen=True)
+class AnnounceAck(Message):
+    TYPE: ClassVar = MessageType.ANNOUNCE_ACK
+    SCHEMA: ClassVar = {}
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """The client's fresh nonce; the enclave answers with an attestation carrying it."""
+
+    nonce: bytes
+    TYPE: ClassVar = MessageType.HELLO
+    SCHEMA: ClassVar = {"nonce": _bytes(NONCE_SIZES)}
+
+
+@dataclass(frozen=True)
+class Attestation(Message):
+    public_key: bytes
+    document: bytes
+    TYPE: ClassVar = MessageType.ATTESTATION
+    SCHEMA: ClassVar = {"public_key": _bytes(_max(MAX_PUBLIC_KEY)),
+                        "document": _bytes(_max(MAX_ATTESTATION))}
+
+
+@dataclass(frozen=True)
+class SealedRequest(Message):
+    """A one-shot request: image sealed to the enclave key; the result goes to the parent."""
+
+    request_id: bytes
+    parent_public_key: bytes
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    TYPE: ClassVar = MessageType.SEALED_REQUEST
+    SCHEMA: ClassVar = {"request_id": _bytes(REQUEST_ID_SIZE),
+                        "parent_public_key": _bytes(_max(MAX_PUBLIC_KEY)),
+                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE),
+                        "nonce": _bytes(GCM_NONCE_SIZE),
+                        "ciphertext": _bytes(_max(2**40))}
+
+
+@dataclass(frozen=True)
+class SealedResult(Message):
+    """A one-shot result sealed to the parent's key."""
+
+    request_id: bytes
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    TYPE: ClassVar = MessageType.SEALED_RESULT
+    SCHEMA: ClassVar = {"request_id": _bytes(REQUEST_ID_SIZE),
+                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE),
+                        "nonce": _bytes(GCM_NONCE_SIZE),
+                        "ciphertext": _bytes(_max(2**40))}
+
+
+@dataclass(frozen=True)
+class Accepted(Message):
+    request_id: bytes
+    TYPE: ClassVar = MessageType.ACCEPTED
+    SCHEMA: ClassVar = {"request_id": _bytes(REQUEST_ID_SIZE)}
+
+
+@dataclass(frozen=True)
+class SessionOpen(Message):
+    """A fresh session key, RSA-OAEP-wrapped to the attested key (label binds session_id)."""
+
+    session_id: bytes
+    wrapped_key: bytes
+    TYPE: ClassVar = MessageType.SESSION_OPEN
+    SCHEMA: ClassVar = {"session_id": _bytes(SESSION_ID_SIZE),
+                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE)}
+
+
+@dataclass(frozen=True)
+class SessionReady(Message):
+    session_id: bytes
+    TYPE: ClassVar = MessageType.SESSION_READY
+    SCHEMA: ClassVar = {"session_id": _bytes(SESSION_ID_SIZE)}
+
+
+@dataclass(frozen=True)
+class SessionClassify(Message):
+    counter: int
+    ciphertext: bytes
+    TYPE: ClassVar = MessageType.SESSION_CLASSIFY
+    SCHEMA: ClassVar = {"counter": _check_counter, "ciphertext": _bytes(_max(2**40))}
+
+
+@dataclass(frozen=True)
+class SessionResult(Message):
+    counter: int
+    ciphertext: bytes
+    TYPE: ClassVar = MessageType.SESSION_RESULT
+    SCHEMA: ClassVar = {"counter": _check_counter, "ciphertext": _bytes(_max(2**40))}
+
+
+@dataclass(frozen=True)
+class ErrorMessage(Message):
+    """An error in clear: only protocol-level facts, never anything about an image."""
+
+    code: str
+    message: str
+    TYPE: ClassVar = MessageType.ERROR
+    SCHEMA: ClassVar = {"code": _text(32), "message": _text(MAX_ERROR_TEXT)}
+
+
+@dataclass(frozen=True)
+class Goodbye(Message):
+    TYPE: ClassVar = MessageType.GOODBYE
+    SCHEMA: ClassVar = {}
+
+
+MESSAGE_CLASSES = {cls.TYPE: cls for cls in (
+    EnclaveAnnounce, AnnounceAck, Hello, Attestation, SealedRequest, SealedResult, Accepted,
+    SessionOpen, SessionReady, SessionClassify, SessionResult, ErrorMessage, Goodbye)}
+
+
+def encode_message(message: Message) -> tuple[MessageType, bytes]:
+    """The frame type and body for ``message``."""
+    return message.TYPE, message.to_body()
+
+
+def decode_message(frame: Frame) -> Message:
+    """Parse a frame body into its message class.
+
+    Raises :class:`ProtocolError` if the body is not CBOR, not a map, or any field is
+    missing, extra, of the wrong type or size.
+    """
+    cls = MESSAGE_CLASSES.get(frame.type)
+    if cls is None:
+        raise ProtocolError(f"no message defined for frame type {int(frame.type)}")
+    try:
+        data = cbor2.loads(frame.body)
+    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
+        raise ProtocolError(f"{cls.TYPE.name}: body is not valid CBOR") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{cls.TYPE.name}: expected a CBOR map, got {type(data).__name__}")
+    return cls.from_fields(data)

@@ -1,0 +1,120 @@
+"""``parent.py classify``: many images over one attested session, results printed or saved."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from nitrolesion.crypto.envelope import fingerprint
+from nitrolesion.model.labels import CODES
+from nitrolesion.transport import Endpoint
+from parent.enclave_client import EnclaveClient, ImageOutcome
+from parent.images import expand_images
+
+CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
+
+
+def read_or_error(path: Path) -> bytes | Exception:
+    """The file's bytes, or the OSError to report for that row (the batch goes on)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return OSError(f"cannot read file: {exc.strerror}")
+
+
+def row_of(path: Path, outcome: ImageOutcome) -> dict:
+    if outcome.result is None:
+        code, message = outcome.error
+        return {"file": str(path), "error": {"code": code, "message": message}}
+    result = outcome.result
+    top3 = sorted(result["probabilities"].items(), key=lambda item: -item[1])[:3]
+    return {"file": str(path), "code": result["code"], "label": result["name"],
+            "confidence": round(result["confidence"], 6),
+            "probabilities": {c: round(result["probabilities"][c], 6) for c in CODES},
+            "top3": [[c, round(p, 6)] for c, p in top3]}
+
+
+def text_line(row: dict) -> str:
+    name = Path(row["file"]).name
+    if "error" in row:
+        return f"{name}: error {row['error']['code']}: {row['error']['message']}"
+    top = ", ".join(f"{c} {p:.2f}" for c, p in row["top3"])
+    return f"{name}: {row['label']} ({row['code']}) {row['confidence']:.2f}  top-3: {top}"
+
+
+def summary_of(rows: list[dict], seconds: float) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    return {"images": len(rows), "classified": len(ok), "failed": len(rows) - len(ok),
+            "by_code": dict(sorted(Counter(r["code"] for r in ok).items())),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None}
+
+
+def write_results(path: Path, rows: list[dict], summary: dict) -> None:
+    """CSV (one row per image) or JSON (rows + summary), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix.lower() == ".json":
+        tmp.write_text(json.dumps({"results": rows, "summary": summary}, indent=2) + "\n",
+                       encoding="utf-8")
+    else:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                flat = {"file": row["file"]}
+                if "error" in row:
+                    flat["error"] = f"{row['error']['code']}: {row['error']['message']}"
+                else:
+                    flat.update(code=row["code"], label=row["label"], confidence=row["confidence"],
+                                **{f"p_{c}": row["probabilities"][c] for c in CODES})
+                writer.writerow(flat)
+    os.replace(tmp, path)
+
+
+def run_classify(args, trust) -> int:
+    from parent.parent import UsageError, key_dir_of, pcr_lines, transport_of  # noqa: F401
+
+    paths = expand_images(args.images)
+    if not paths:
+        raise UsageError("no image files found in the given paths")
+    if args.out and args.out.suffix.lower() not in (".csv", ".json"):
+        raise UsageError("--out must end in .csv or .json")
+    if args.window < 1:
+        raise UsageError("--window must be at least 1")
+    endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
+    rows: list[dict | None] = [None] * len(paths)
+    started = time.perf_counter()
+    progress = None
+    if len(paths) > 1 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(paths), unit="img", file=sys.stderr)
+    with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:
+        result = client.attest()
+        print(f"Enclave attested: module {result.module_id}, key sha256 "
+              f"{fingerprint(result.public_key)[:16]}...", file=sys.stderr)
+        for line in pcr_lines(result):
+            print(line, file=sys.stderr)
+        client.open_session()
+        for outcome in client.classify_many((read_or_error(p) for p in paths), window=args.window):
+            rows[outcome.index] = row_of(paths[outcome.index], outcome)
+            if progress is not None:
+                progress.update(1)
+    if progress is not None:
+        progress.close()
+    summary = summary_of(rows, time.perf_counter() - started)
+    if args.out:
+        write_results(args.out, rows, summary)
+        print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    elif not args.out or len(rows) <= 20:
+        for row in rows:
+            print(text_line(row))
+    print(f"summary: {json.dumps(summary)}", file=sys.stderr)
+    return 0 if summary["failed"] == 0 else 1

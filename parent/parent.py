@@ -1,0 +1,243 @@
+"""Parent-side command line: relay ciphertext to and from the skin-lesion enclave.
+
+    python parent/parent.py server 5006                 listen for the enclave's key and results
+    python parent/parent.py client 16 5005 [--image P]  attest the enclave, send one sealed image
+    python parent/parent.py classify IMAGE|DIR... [--out results.csv|.json] [--json]
+    python parent/parent.py demo [--image P]            everything on this machine over TCP
+    python parent/parent.py verify-attestation FILE [--at ISO8601] [--policy F] ...
+
+Set ENCLAVE_TRANSPORT=tcp (or --transport tcp) on machines without Nitro Enclaves: CIDs
+then map to 127.0.0.1 (--host to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, sys.path[0] is parent/ and "import parent" would find this file.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nitrolesion.attestation.errors import AttestationError, InvalidPolicy  # noqa: E402
+from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
+from nitrolesion.crypto.envelope import fingerprint, public_key_der  # noqa: E402
+from nitrolesion.crypto.keystore import ParentKeyStore, default_key_dir  # noqa: E402
+from nitrolesion.errors import NitroLesionError, RemoteError  # noqa: E402
+from nitrolesion.model.labels import load_labels  # noqa: E402
+from nitrolesion.transport import TRANSPORTS, Endpoint, default_transport  # noqa: E402
+
+#: CID the enclave runs at in the README's nitro-cli command, and its client port.
+DEFAULT_ENCLAVE_CID = 16
+DEFAULT_ENCLAVE_PORT = 5005
+#: Without a policy file, documents may be at most this old (the client's fresh nonce
+#: already proves liveness; this bounds clock trouble).
+DEFAULT_MAX_AGE = timedelta(minutes=5)
+
+
+class UsageError(Exception):
+    """Bad arguments: exit status 2."""
+
+
+def add_transport_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transport", choices=TRANSPORTS, default=None,
+                        help="vsock (default) or tcp; also ENCLAVE_TRANSPORT")
+    parser.add_argument("--host", default="127.0.0.1", help="with tcp: address CIDs map to")
+    parser.add_argument("--key-dir", type=Path, default=None,
+                        help="parent key and state folder (default $NITROLESION_KEY_DIR or "
+                             "~/.config/nitrolesion)")
+
+
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", type=Path,
+                        help="JSON attestation policy (allowed PCR sets, debug, max age); "
+                             "see README 'Attestation policy'")
+    parser.add_argument("--dev-root", type=Path, action="append", default=[],
+                        help="DEVELOPMENT ONLY: also trust this root PEM (the dev authority's "
+                             "dev_root.pem); the pinned AWS root stays trusted")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for each answer from the enclave (default 60)")
+
+
+def transport_of(args) -> str:
+    return args.transport or default_transport()
+
+
+def key_dir_of(args) -> Path:
+    return args.key_dir or default_key_dir()
+
+
+def trust_of(args):
+    from parent.enclave_client import Trust, load_roots
+
+    if args.policy:
+        try:
+            policy = AttestationPolicy.from_json_file(args.policy)
+        except InvalidPolicy as exc:
+            raise UsageError(f"--policy {args.policy}: {exc}") from exc
+    else:
+        print("warning: no --policy given: PCRs are not pinned; any enclave with a valid "
+              "attestation is trusted", file=sys.stderr)
+        policy = AttestationPolicy(max_age=DEFAULT_MAX_AGE)
+    roots = []
+    for path in args.dev_root:
+        try:
+            roots.extend(load_roots(path))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--dev-root {path}: not a readable PEM certificate file") from exc
+    return Trust(policy, roots)
+
+
+def pcr_lines(result) -> list[str]:
+    return [f"  PCR{i}: {result.pcrs[i].hex()}" for i in (0, 1, 2) if i in result.pcrs]
+
+
+# -- server -----------------------------------------------------------------------------
+def cmd_server(args) -> int:
+    from parent.server import ParentServer
+
+    key = ParentKeyStore(key_dir_of(args)).load_or_create()
+    endpoint = Endpoint(transport_of(args), 0xFFFFFFFF, args.port, args.host)
+    server = ParentServer(endpoint, key, key_dir_of(args), lambda event: print(event.text, flush=True))
+    server.bind()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+# -- client -----------------------------------------------------------------------------
+def cmd_client(args) -> int:
+    from parent.enclave_client import EnclaveClient
+    from parent.images import NO_IMAGE_HELP, default_image
+    from parent.server import load_announcement
+
+    image_path = args.image or default_image()
+    if image_path is None:
+        raise UsageError(NO_IMAGE_HELP)
+    image = read_image(image_path)
+    trust = trust_of(args)
+    key_dir = key_dir_of(args)
+    announced = load_announcement(key_dir)
+    if announced is None:
+        print(f"client: no enclave key in {key_dir}: start `parent.py server 5006` first, "
+              "then the enclave, and wait for 'Enclave public key received'", file=sys.stderr)
+        return 1
+    parent_key = ParentKeyStore(key_dir).load_or_create()
+    endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
+    with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:
+        result = client.attest(expected_key=announced.public_key)
+        print(f"Enclave attested: module {result.module_id}, key sha256 "
+              f"{fingerprint(result.public_key)[:16]}...", flush=True)
+        for line in pcr_lines(result):
+            print(line)
+        _, sent = client.send_one_shot(image, public_key_der(parent_key))
+    print(f"Image encrypted and sent: {image_path.name}, {len(image)} bytes -> {sent} bytes "
+          f"(RSA-OAEP-3072 + AES-256-GCM); the server prints the classification", flush=True)
+    return 0
+
+
+def read_image(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read image {path}: {exc.strerror}") from exc
+
+
+# -- classify ---------------------------------------------------------------------------
+def cmd_classify(args) -> int:
+    from parent.classify import run_classify
+
+    return run_classify(args, trust_of(args))
+
+
+def cmd_demo(args) -> int:
+    from parent.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parent.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = sub.add_parser("server", help="listen for the enclave's key and sealed results")
+    server.add_argument("port", type=int, help="parent port the enclave connects to (5006)")
+    add_transport_options(server)
+    server.set_defaults(func=cmd_server)
+
+    client = sub.add_parser("client", help="attest the enclave and send one sealed image; "
+                                           "the server prints the result")
+    client.add_argument("cid", type=int, help="enclave CID (16)")
+    client.add_argument("port", type=int, help="enclave client port (5005)")
+    client.add_argument("--image", type=Path, help="image to send (default: first of "
+                                                   "sample_images/, else the dataset folder)")
+    add_transport_options(client)
+    add_trust_options(client)
+    client.set_defaults(func=cmd_client)
+
+    classify = sub.add_parser("classify", help="classify images over one attested session and "
+                                               "print the results here")
+    classify.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    classify.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID)
+    classify.add_argument("--port", type=int, default=DEFAULT_ENCLAVE_PORT)
+    classify.add_argument("--json", action="store_true", help="print JSON with all 7 probabilities")
+    classify.add_argument("--out", type=Path, help="write results to FILE.csv or FILE.json")
+    classify.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
+    classify.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_transport_options(classify)
+    add_trust_options(classify)
+    classify.set_defaults(func=cmd_classify)
+
+    demo = sub.add_parser("demo", help="run enclave, server and client on this machine (TCP)")
+    demo.add_argument("--image", type=Path, help="image to classify")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
+    demo.set_defaults(func=cmd_demo)
+
+    verify = sub.add_parser("verify-attestation", add_help=False,
+                            help="verify an attestation document file (see its --help)")
+    verify.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify-attestation":
+        from nitrolesion.attestation.cli import main as verify_main
+
+        return verify_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"parent.py {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"parent.py {args.command}: the enclave refused: {exc.code}: {exc.message}",
+              file=sys.stderr)
+        return 1
+    except AttestationError as exc:
+        print(f"parent.py {args.command}: attestation failed, nothing was sent: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except NitroLesionError as exc:
+        print(f"parent.py {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Real Nitro attestation documents, and the synthetic bad cases derived from them.
+
+The real documents are read at test time from ``$ATTESTATION_DOCS_DIR`` (default
+``<project root>/../shared/attestation-docs``) and never copied into the project. Every
+negative case is built here, in memory, from a real document: one edit per case, as in
+nitrite's tests. Run this file to print the derived cases' sizes as a sanity check.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+DOCS_ENV = "ATTESTATION_DOCS_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Facts about each fixture, pinned from the fixtures' README (not read from the files)."""
+
+    timestamp_ms: int
+    debug: bool
+    pcr0_prefix: str
+    public_key_length: int | None
+    nonce: bytes | None
+    user_data_length: int | None
+    leaf_valid_until: datetime
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+EXPECTED: dict[str, Expected] = {
+    "anjuna_prod_2021.bin": Expected(
+        1616018515685, False, "2d151586641b790f", None, None, None, _utc("2021-03-18T01:01:55")
+    ),
+    "anjuna_prod_rsa_pubkey_2021.bin": Expected(
+        1616602241734, False, "672cd3c91b7ac756", 294, None, None, _utc("2021-03-24T19:06:22")
+    ),
+    "anjuna_debug_rsa_pubkey_nonce_2024.bin": Expected(
+        1706120065635, True, "0000000000000000", 294, b"Nonce\n", 13, _utc("2024-01-24T21:14:17")
+    ),
+    "blocky_prod_maxfields_2024.bin": Expected(
+        1725719859545, False, "e72a46ca80a260fb", 1024, b"\x01" * 1024, 1024, _utc("2024-09-07T17:37:39")
+    ),
+    "blocky_debug_2024.bin": Expected(
+        1725719886508, True, "0000000000000000", 1024, b"\x01" * 1024, 1024, _utc("2024-09-07T17:38:06")
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RealDocument:
+    name: str
+    data: bytes
+    expected: Expected
+
+    @property
+    def time(self) -> datetime:
+        """The document's own timestamp, the time it verifies at."""
+        return EPOCH + timedelta(milliseconds=self.expected.timestamp_ms)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return cbor2.loads(cbor2.loads(self.data)[2])
+
+
+def docs_dir() -> Path:
+    return Path(os.environ.get(DOCS_ENV, PROJECT_ROOT.parent / "shared" / "attestation-docs"))
+
+
+@functools.lru_cache(maxsize=1)
+def real_documents() -> tuple[RealDocument, ...]:
+    """All known fixtures present in ``docs_dir()`` (empty if the directory is absent)."""
+    folder = docs_dir()
+    found = []
+    for name, expected in sorted(EXPECTED.items()):
+        path = folder / name
+        if path.is_file():
+            found.append(RealDocument(name, path.read_bytes(), expected))
+    return tuple(found)
+
+
+SKIP_REASON = (
+    f"real Nitro attestation documents not found in {docs_dir()} "
+    f"(set {DOCS_ENV} to the folder holding the *.bin fixtures described in its README)"
+)
+
+
+def document(name: str) -> RealDocument:
+    for doc in real_documents():
+        if doc.name == name:
+            return doc
+    raise LookupError(name)
+
+
+# -- one-edit mutations -------------------------------------------------------------------
+
+
+def split(data: bytes) -> list[Any]:
+    """[protected, unprotected, payload, signature] of an untagged COSE_Sign1."""
+    return list(cbor2.loads(data))
+
+
+def join(parts: list[Any], *, tagged: bool = False) -> bytes:
+    return cbor2.dumps(cbor2.CBORTag(18, parts) if tagged else parts)
+
+
+def flip_payload_byte(data: bytes, offset: int) -> bytes:
+    parts = split(data)
+    payload = bytearray(parts[2])
+    payload[offset % len(payload)] ^= 0x01
+    parts[2] = bytes(payload)
+    return join(parts)
+
+
+def flip_signature_byte(data: bytes, index: int) -> bytes:
+    parts = split(data)
+    signature = bytearray(parts[3])
+    signature[index] ^= 0x80
+    parts[3] = bytes(signature)
+    return join(parts)
+
+
+def pcr_value_offset(data: bytes, index: int) -> int:
+    """Offset inside the payload of PCR ``index``'s value (must be unique in the payload)."""
+    payload = split(data)[2]
+    value = cbor2.loads(payload)["pcrs"][index]
+    offset = payload.find(value)
+    assert offset >= 0 and payload.find(value, offset + 1) == -1, "PCR value not unique in payload"
+    return offset
+
+
+DELETE = object()  # sentinel for with_payload: remove the field
+
+
+def with_payload(data: bytes, **changes: Any) -> bytes:
+    """Re-encode the payload with fields replaced (``None`` values kept; use DELETE to drop)."""
+    parts = split(data)
+    payload = cbor2.loads(parts[2])
+    for key, value in changes.items():
+        if value is DELETE:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    parts[2] = cbor2.dumps(payload)
+    return join(parts)
+
+
+def with_protected(data: bytes, protected: bytes, unprotected: dict[Any, Any] | None = None) -> bytes:
+    parts = split(data)
+    parts[0] = protected
+    if unprotected is not None:
+        parts[1] = unprotected
+    return join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def lookalike_root() -> x509.Certificate:
+    """A self-signed P-384 CA with the AWS root's subject, but our own key."""
+    from nitrolesion.attestation.trust import aws_nitro_root
+
+    aws = aws_nitro_root()
+    key = ec.generate_private_key(ec.SECP384R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(aws.subject)
+        .issuer_name(aws.subject)
+        .public_key(key.public_key())
+        .serial_number(aws.serial_number)
+        .not_valid_before(aws.not_valid_before_utc)
+        .not_valid_after(aws.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+
+
+def substitute_root(data: bytes) -> bytes:
+    """Replace cabundle[0] (the AWS root) with a self-signed look-alike."""
+    payload = cbor2.loads(split(data)[2])
+    cabundle = list(payload["cabundle"])
+    cabundle[0] = lookalike_root().public_bytes(Encoding.DER)
+    return with_payload(data, cabundle=cabundle)
+
+
+def swap_intermediates(data: bytes) -> bytes:
+    """Swap cabundle[1] and cabundle[2]: every certificate genuine, the order broken."""
+    payload = cbor2.loads(split(data)[2])
+    cabundle = list(payload["cabundle"])
+    cabundle[1], cabundle[2] = cabundle[2], cabundle[1]
+    return with_payload(data, cabundle=cabundle)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT))
+    for doc in real_documents():
+        print(doc.name, len(doc.data), len(substitute_root(doc.data)), len(flip_signature_byte(doc.data, 0)))
+    if not real_documents():
+        print(SKIP_REASON)
