@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from enclave.service import IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig  # noqa: E402
+from enclave.service import (  # noqa: E402
+    HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.attestation.provider import open_attestation_provider  # noqa: E402
 from nitrolesion.enclave_image import image_files  # noqa: E402
 from nitrolesion.errors import NitroLesionError  # noqa: E402
@@ -52,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier threads, one interpreter each (default: CPU count)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                        help="client connections served at once; more are refused with BUSY "
+                             "(default %(default)s)")
     parser.add_argument("--io-timeout", type=float, default=IO_TIMEOUT,
                         help="seconds a client may take per frame or stay silent (default %(default)s)")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                        help="seconds a new connection has to send its first frame "
+                             "(default %(default)s)")
     parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
@@ -70,18 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stdout)
     log = logging.getLogger("enclave")
-    if args.workers < 1 or args.queue < 1:
-        print("app.py: --workers and --queue must be at least 1", file=sys.stderr)
+    if args.workers < 1 or args.queue < 1 or args.max_connections < 1:
+        print("app.py: --workers, --queue and --max-connections must be at least 1",
+              file=sys.stderr)
+        return 2
+    if not (args.io_timeout > 0 and args.handshake_timeout > 0):
+        print("app.py: --io-timeout and --handshake-timeout must be positive", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
-        attestor = open_attestation_provider(args.dev_attestation, image_files(ROOT))
+        attestor = open_attestation_provider(args.dev_attestation, image_files(ROOT), base=ROOT)
         model = LesionModel(args.model, args.labels)
         config = ServiceConfig(
             transport=args.transport, host=args.host, parent_cid=args.parent_cid,
             client_port=args.client_port, parent_port=args.parent_port, workers=args.workers,
             queue_size=args.queue, max_connections=args.max_connections,
-            io_timeout=args.io_timeout, max_image_bytes=args.max_image_bytes,
+            io_timeout=args.io_timeout, handshake_timeout=args.handshake_timeout,
+            max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, once=args.once)
         service = EnclaveService(config, model, attestor)
     except NitroLesionError as exc:

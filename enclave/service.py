@@ -30,15 +30,15 @@ from nitrolesion.crypto.keywrap import unwrap_session_key
 from nitrolesion.crypto.session import SessionCipher
 from nitrolesion.errors import (
     ConnectionClosed, CryptoError, ImageError, NitroLesionError, ProtocolError, ReorderError,
-    ReplayError, TransportError)
+    ReplayError, TransportError, TransportTimeout)
 from nitrolesion.model.classifier import LesionModel, Prediction
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.transport import Endpoint, FramedConnection, accept, connect, listen
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
-    Accepted, AnnounceAck, Attestation, EnclaveAnnounce, ErrorCode, ErrorMessage, Goodbye, Hello,
-    Message, SealedRequest, SealedResult, SessionClassify, SessionOpen, SessionReady,
-    SessionResult, decode_message)
+    MAX_ERROR_TEXT, Accepted, AnnounceAck, Attestation, EnclaveAnnounce, ErrorCode, ErrorMessage,
+    Goodbye, Hello, Message, SealedRequest, SealedResult, SessionClassify, SessionOpen,
+    SessionReady, SessionResult, decode_message, loads_plain)
 
 log = logging.getLogger("enclave")
 
@@ -47,6 +47,15 @@ log = logging.getLogger("enclave")
 #: (~1 MB/s worst case seen on small instances), short enough that a silent or
 #: trickling peer frees its slot quickly.
 IO_TIMEOUT = 30.0
+#: Seconds a new connection has to deliver its first frame (HELLO, under 100 bytes). A
+#: real client sends it right after connecting; 5 s tolerates a loaded parent, and is
+#: much shorter than IO_TIMEOUT so silent connections cannot hold the
+#: MAX_CONNECTIONS slots for long.
+HANDSHAKE_TIMEOUT = 5.0
+#: Seconds to hand one answer (an error, attestation or sealed result: at most ~20 KiB) to
+#: the kernel. Results are sent from classifier workers, so a client that does not read
+#: may hold a worker at most this long per answer; 5 s is ample for a reading client.
+SEND_TIMEOUT = 5.0
 #: Concurrent client connections; each costs one thread and at most one 24 MiB frame.
 MAX_CONNECTIONS = 64
 #: Requests one session may have queued or running at once. The reader stops reading
@@ -56,6 +65,10 @@ SESSION_WINDOW = 8
 REPLAY_CACHE_SIZE = 65536
 #: Backoff for reconnecting to the parent server: first delay, cap.
 PARENT_BACKOFF = (0.2, 5.0)
+#: A parent link that stayed up this long was healthy: the next reconnect starts the
+#: backoff afresh. A link the parent drops sooner (a flapping or hostile host that acks
+#: and closes at once) keeps backing off, so it cannot make us re-attest in a tight loop.
+STABLE_LINK_SECONDS = 10.0
 #: Listening binds every local CID (the endpoint's cid is ignored for listening).
 VMADDR_CID_ANY = 0xFFFFFFFF
 
@@ -73,6 +86,7 @@ class ServiceConfig:
     queue_size: int = 16
     max_connections: int = MAX_CONNECTIONS
     io_timeout: float = IO_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     once: bool = False
@@ -202,18 +216,29 @@ class ParentLink:
 
     def watch(self) -> None:
         """Keep the link up: announce at boot, and again whenever the parent goes away."""
+        delay = PARENT_BACKOFF[0]
         while not self._stopping.is_set():
             try:
                 connection = self.ensure_connected()
             except TransportError:
                 return
+            up_since = time.monotonic()
             # The parent never sends on this link after the ack; a read returns only when
             # it closes (restart), and then we reconnect and announce again.
             try:
                 connection.receive(timeout=None)
-            except (NitroLesionError, OSError):
-                pass
+                reason = "the parent sent an unexpected frame"
+            except (NitroLesionError, OSError) as exc:
+                reason = str(exc)
             connection.close()
+            if time.monotonic() - up_since >= STABLE_LINK_SECONDS:
+                delay = PARENT_BACKOFF[0]
+                log.info("parent link lost (%s); announcing again", reason)
+                continue
+            log.info("parent link lost after %.1f s (%s); announcing again in %.1f s",
+                     time.monotonic() - up_since, reason, delay)
+            self._stopping.wait(delay)
+            delay = min(delay * 2, PARENT_BACKOFF[1])
 
     def close(self) -> None:
         with self._lock:
@@ -353,17 +378,29 @@ class ConnectionHandler:
 
     def send(self, message: Message) -> None:
         with self._send_lock:
-            self.connection.send(message.TYPE, message.to_body())
+            self.connection.send(message.TYPE, message.to_body(), timeout=SEND_TIMEOUT)
 
     def send_error(self, code: str, text: str) -> None:
+        # The peer refuses ERROR texts over MAX_ERROR_TEXT, and a text may quote peer bytes.
+        if len(text) > MAX_ERROR_TEXT:
+            text = text[:MAX_ERROR_TEXT - 3] + "..."
         try:
             self.send(ErrorMessage(code, text))
         except NitroLesionError:
             pass
 
     def run(self) -> None:
-        timeout = self.service.config.io_timeout
+        try:
+            self._run()
+        except Exception:  # a bug must not leave the client waiting; details stay in our log
+            log.exception("connection handler failed")
+            self.send_error(ErrorCode.INTERNAL, "internal error; the connection is closed")
+
+    def _run(self) -> None:
+        config = self.service.config
         while True:
+            # The first frame (HELLO) is tiny and due at once; later frames may carry images.
+            timeout = config.handshake_timeout if self.state == "new" else config.io_timeout
             try:
                 frame = self.connection.receive(timeout=timeout)
             except ConnectionClosed:
@@ -371,10 +408,11 @@ class ConnectionHandler:
             except ProtocolError as exc:
                 self.send_error(ErrorCode.BAD_FRAME, str(exc))
                 return
-            except TransportError as exc:
-                if "within" in str(exc):
-                    self.send_error(ErrorCode.TIMEOUT, f"no complete frame within {timeout:g} s")
+            except TransportTimeout:
+                self.send_error(ErrorCode.TIMEOUT, f"no complete frame within {timeout:g} s")
                 return
+            except TransportError:
+                return  # reset or closed mid-frame: nobody to answer
             try:
                 message = decode_message(frame)
             except ProtocolError as exc:
@@ -470,7 +508,7 @@ class ConnectionHandler:
             self.send_error(ErrorCode.DECRYPT_FAILED, str(exc))
             return False
         try:
-            body = cbor2.loads(plaintext)
+            body = loads_plain(plaintext)  # authenticated, but any client can open a session
             image = body["image"]
             if not isinstance(image, bytes):
                 raise TypeError
@@ -507,7 +545,8 @@ class ConnectionHandler:
             with self._send_lock:
                 counter, ciphertext = self.cipher.seal(MessageType.SESSION_RESULT, cbor2.dumps(payload))
                 self.connection.send(MessageType.SESSION_RESULT,
-                                     SessionResult(counter, ciphertext).to_body())
+                                     SessionResult(counter, ciphertext).to_body(),
+                                     timeout=SEND_TIMEOUT)
         except NitroLesionError:
             pass  # the client went away; the worker is free again either way
         if "result" in payload:

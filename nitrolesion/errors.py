@@ -13,6 +13,7 @@
     │   ├── ReplayError              a session message arrived with an already-used counter
     │   └── ReorderError             a session message arrived ahead of the expected counter
     ├── TransportError               connect/read/write failed or timed out
+    │   ├── TransportTimeout         a connect/send/receive did not finish within its budget
     │   └── ConnectionClosed         the peer closed cleanly between two frames
     ├── RemoteError                  the peer answered with an ERROR frame
     └── AttestationError             (nitrolesion.attestation.errors) one subclass per check
@@ -78,6 +79,14 @@ class ReorderError(CryptoError):
 
 class TransportError(NitroLesionError):
     """A connection could not be made, or a read/write failed or timed out."""
+
+
+class TransportTimeout(TransportError):
+    """A connect, send or receive did not finish within its time budget.
+
+    A separate type so a server can answer a slow peer with a TIMEOUT error instead of
+    matching on message text.
+    """
 
 
 class ConnectionClosed(TransportError):

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from nitrolesion.errors import ConnectionClosed, LocalProtocolError, TransportError
+from nitrolesion.errors import (
+    ConnectionClosed,
+    LocalProtocolError,
+    TransportError,
+    TransportTimeout,
+)
 from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
 
 __all__ = [
@@ -147,7 +153,8 @@ def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
         try:
             sock = socket.create_connection(endpoint.address, timeout=timeout)
         except TimeoutError as exc:
-            raise TransportError(f"connecting to {endpoint} timed out after {timeout} s") from exc
+            raise TransportTimeout(
+                f"connecting to {endpoint} timed out after {timeout} s") from exc
         except OSError as exc:
             raise TransportError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
         # Frames are written whole; do not let Nagle hold back the tail of a small one.
@@ -159,7 +166,8 @@ def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
             sock.connect(endpoint.address)
         except TimeoutError as exc:
             sock.close()
-            raise TransportError(f"connecting to {endpoint} timed out after {timeout} s") from exc
+            raise TransportTimeout(
+                f"connecting to {endpoint} timed out after {timeout} s") from exc
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
@@ -201,7 +209,7 @@ def accept(
         listener.settimeout(timeout)
         sock, _ = listener.accept()
     except TimeoutError as exc:
-        raise TransportError(f"no connection within {timeout} s") from exc
+        raise TransportTimeout(f"no connection within {timeout} s") from exc
     except OSError as exc:
         raise TransportError(f"accept failed: {exc.strerror or exc}") from exc
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -299,6 +307,33 @@ class FramedConnection:
             raise LocalProtocolError(f"timeout must be >= 0 or None, got {value}")
         return value
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of a partial frame received but not yet returned by ``receive``."""
+        return self._decoder.buffered
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        """Block until the peer has sent something (or closed), up to ``timeout`` seconds.
+
+        True if a ``receive`` can make progress now (bytes arrived, EOF, or a partial frame
+        is already buffered); False on timeout. Lets a server wait without limit for the
+        *start* of a frame on an idle link, then bound the frame itself with ``receive``'s
+        whole-call timeout. Raises TransportError if the connection is closed.
+        """
+        if self._closed:
+            raise TransportError(f"connection to {self._peer} is closed")
+        if self._decoder.buffered:
+            return True
+        # poll, not select: select cannot watch descriptors above FD_SETSIZE (1024), which a
+        # busy server reaches.
+        poller = select.poll()
+        try:
+            poller.register(self._sock, select.POLLIN | select.POLLPRI)
+            events = poller.poll(None if timeout is None else max(timeout, 0.0) * 1000.0)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"waiting on {self._peer} failed: {exc}") from exc
+        return bool(events)
+
     def send(
         self, msg_type: int, body: bytes, *, timeout: float | None | _Default = _DEFAULT
     ) -> None:
@@ -330,7 +365,7 @@ class FramedConnection:
                 data = data[self._sock.send(data) :]
         except TimeoutError as exc:
             self._send_broken = True
-            raise TransportError(
+            raise TransportTimeout(
                 f"could not send a frame to {self._peer} within {budget} s"
             ) from exc
         except OSError as exc:
@@ -366,7 +401,7 @@ class FramedConnection:
                 # Never ask for more than the decoder will accept.
                 data = self._sock.recv(min(RECV_CHUNK, decoder.capacity_left))
             except TimeoutError as exc:
-                raise TransportError(
+                raise TransportTimeout(
                     f"no complete frame from {self._peer} within {budget} s"
                 ) from exc
             except OSError as exc:

@@ -204,6 +204,36 @@ def swap_intermediates(data: bytes) -> bytes:
     return with_payload(data, cabundle=cabundle)
 
 
+def forge_leaf_and_resign(data: bytes) -> bytes:
+    """Replace the leaf by a look-alike (same names and validity, our key, signed by a
+    stranger) and re-sign the COSE envelope with it, so the COSE signature itself is valid:
+    only the chain's signature check can catch this."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    parts = split(data)
+    payload = cbor2.loads(parts[2])
+    real_leaf = x509.load_der_x509_certificate(payload["certificate"])
+    leaf_key = ec.generate_private_key(ec.SECP384R1())
+    stranger = ec.generate_private_key(ec.SECP384R1())
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(real_leaf.subject)
+        .issuer_name(real_leaf.issuer)
+        .public_key(leaf_key.public_key())
+        .serial_number(real_leaf.serial_number)
+        .not_valid_before(real_leaf.not_valid_before_utc)
+        .not_valid_after(real_leaf.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(stranger, hashes.SHA384())
+    )
+    payload["certificate"] = forged.public_bytes(Encoding.DER)
+    parts[2] = cbor2.dumps(payload)
+    to_sign = cbor2.dumps(["Signature1", parts[0], b"", parts[2]])
+    r, s = decode_dss_signature(leaf_key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+    parts[3] = r.to_bytes(48, "big") + s.to_bytes(48, "big")
+    return join(parts)
+
+
 if __name__ == "__main__":
     import sys
 

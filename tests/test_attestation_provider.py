@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from nitrolesion.attestation.dev_authority import measure_files
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.provider import (
@@ -40,9 +41,16 @@ def test_without_nsm_with_dev_flag_uses_the_dev_authority(tmp_path, measured):
         expected_nonce=b"n", trusted_roots=[root],
     )
     assert result.public_key == b"spki"
+    assert provider.authority.pcrs[0] == measure_files(measured, measured[0].parent)
     # A second start reuses the same development root (the one the parent was told to trust).
     again = open_attestation_provider(tmp_path / "dev", measured, nsm_path=tmp_path / "no-nsm")
     assert again.authority.root_certificate == root
+
+
+def test_measurement_base_is_passed_through(tmp_path, measured):
+    provider = open_attestation_provider(tmp_path / "dev", measured, base=tmp_path, nsm_path=tmp_path / "no-nsm")
+    assert provider.authority.pcrs[0] == measure_files(measured, tmp_path)
+    assert provider.authority.pcrs[0] != measure_files(measured, measured[0].parent)  # names differ
 
 
 def test_nsm_wins_when_present(tmp_path, measured):

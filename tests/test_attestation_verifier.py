@@ -16,6 +16,7 @@ from attestation_cases import (
     document,
     flip_payload_byte,
     flip_signature_byte,
+    forge_leaf_and_resign,
     join,
     lookalike_root,
     pcr_value_offset,
@@ -174,13 +175,21 @@ def test_not_a_cose_sign1(mangle):
         (cbor2.dumps({}), None),  # no alg at all
         (b"", {1: -35}),  # alg only in the unprotected header: not signed, not trusted
         (cbor2.dumps({1: "ES384"}), None),
+        (cbor2.dumps({1: -35.0}), None),
     ],
-    ids=["ES256", "no-alg", "unprotected-alg", "text-alg"],
+    ids=["ES256", "no-alg", "unprotected-alg", "text-alg", "float-alg"],
 )
 def test_algorithm_must_be_es384_in_protected_header(protected, unprotected):
     doc = document(PROD)
     with pytest.raises(UnsupportedAlgorithm, match="expected -35"):
         verify_attestation(with_protected(doc.data, protected, unprotected), now=doc.time, policy=ANY)
+
+
+@needs_docs
+def test_critical_header_parameters_are_refused():
+    doc = document(PROD)
+    with pytest.raises(UnsupportedAlgorithm, match="crit: expected none"):
+        verify_attestation(with_protected(doc.data, cbor2.dumps({1: -35, 2: [99]})), now=doc.time, policy=ANY)
 
 
 # -- step 3: payload fields --------------------------------------------------------------
@@ -265,6 +274,14 @@ def test_leaf_replaced_by_another_documents_leaf():
     forged = with_payload(doc.data, certificate=other.payload["certificate"])
     with pytest.raises(CertificateChainError):
         verify_attestation(forged, now=doc.time, policy=ANY)
+
+
+@needs_docs
+@pytest.mark.parametrize("doc", DOCS, ids=doc_ids(DOCS))
+def test_forged_leaf_with_valid_cose_signature(doc):
+    # Names, validity and the COSE signature all check out; the leaf's own signature does not.
+    with pytest.raises(CertificateChainError, match=r"certificate: expected a valid signature by cabundle\[3\]"):
+        verify_attestation(forge_leaf_and_resign(doc.data), now=doc.time, policy=DEBUG_OK)
 
 
 @needs_docs

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from attestation_cases import real_documents
+from attestation_cases import SKIP_REASON, real_documents
 from nitrolesion.attestation.dev_authority import (
     DEV_PCR1_LABEL,
     DEV_PCR2_LABEL,
@@ -84,7 +84,7 @@ def test_document_has_exactly_the_nitro_format(authority):
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= LEAF_LIFETIME + timedelta(seconds=3)
 
 
-@pytest.mark.skipif(not real_documents(), reason="real documents absent")
+@pytest.mark.skipif(not real_documents(), reason=SKIP_REASON)
 def test_payload_keys_and_envelope_match_a_real_nsm_document(authority):
     real = cbor2.loads(real_documents()[0].data)
     ours = cbor2.loads(authority.attest(now=T0))

@@ -73,12 +73,16 @@ def open_attestation_provider(
     dev_state_dir: Path | None,
     measured_files: Sequence[Path],
     *,
+    base: Path | None = None,
     nsm_path: Path = NSM_DEVICE_PATH,
 ) -> NsmAttestationProvider | DevAttestationProvider:
     """Choose the attestation source for this enclave (see the module docstring).
 
     ``measured_files`` (the enclave's code and model) feed the development PCR0; they are
-    ignored on real hardware, where the EIF measurement is the NSM's business.
+    ignored on real hardware, where the EIF measurement is the NSM's business. ``base`` is
+    what their measured names are relative to; pass the project root so the parent can
+    recompute PCR0 with ``measure_files(files, root)`` (default: the common parent of the
+    files' parents, see ``default_measurement_base``).
 
     Raises:
         AttestationUnavailable: no ``/dev/nsm`` and no development state directory.
@@ -87,7 +91,7 @@ def open_attestation_provider(
     if Path(nsm_path).exists():
         return NsmAttestationProvider(NsmClient.open(Path(nsm_path)))
     if dev_state_dir is not None:
-        return DevAttestationProvider(DevAttestationAuthority.load_or_create(Path(dev_state_dir), measured_files))
+        return DevAttestationProvider(DevAttestationAuthority.load_or_create(Path(dev_state_dir), measured_files, base=base))
     raise AttestationUnavailable(
         f"expected a Nitro Secure Module at {nsm_path}, got none: run inside a Nitro Enclave, "
         "or start with the development flag to use the local development attestation authority"

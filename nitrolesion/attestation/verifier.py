@@ -69,6 +69,7 @@ from nitrolesion.attestation.errors import (
 from nitrolesion.attestation.policy import MAX_CLOCK_SKEW, MAX_PCR_INDEX, PCR_LENGTH, AttestationPolicy
 from nitrolesion.attestation.trust import AWS_NITRO_ROOT_G1_SHA256, aws_nitro_root
 
+HEADER_CRIT = 2  # RFC 8152 s3.1
 # Field limits from the AWS "Attestation document specification"; user_data and nonce are
 # raised from 512 to 1024 because real NSMs emit 1024-byte values.
 MAX_OPTIONAL_FIELD = 1024
@@ -151,8 +152,11 @@ def verify_attestation(
     # Step 2: the protected header must say ES384; the unprotected one is not trusted.
     header = message.protected_header()
     alg = header.get(HEADER_ALG)
-    if alg != ALG_ES384 or isinstance(alg, bool):
-        raise UnsupportedAlgorithm(f"protected header alg: expected {ALG_ES384} (ES384), got {alg!r}")
+    if type(alg) is not int or alg != ALG_ES384:  # not bool, not -35.0
+        raise UnsupportedAlgorithm(f"protected header alg: expected {ALG_ES384} (ES384), got {alg!r:.40}")
+    # RFC 8152 s3.1: parameters listed in "crit" must be understood; we understand none.
+    if HEADER_CRIT in header:
+        raise UnsupportedAlgorithm(f"protected header crit: expected none, got {header[HEADER_CRIT]!r:.40}")
 
     # Step 3: payload fields and types.
     fields = _parse_payload(message.payload)

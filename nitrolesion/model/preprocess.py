@@ -13,7 +13,6 @@ MobileNetV2 expects.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +31,10 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: decoding costs width*height*4 bytes (160 MB at this limit), so a 50 MP "bomb" is refused
 #: from its header before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# Pillow's own bomb guard is global and raises before we can say what was declared; our
+# per-call limit below is stricter and checked from the header, before any pixel decodes.
+Image.MAX_IMAGE_PIXELS = None
 
 #: Input side of the shipped model; the model file is authoritative (see classifier).
 DEFAULT_INPUT_SIZE = 160
@@ -79,31 +82,25 @@ def decode_image(
     if len(data) > max_bytes:
         raise ImageError(f"image is {len(data)} bytes, limit is {max_bytes}")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and at 2x raises) on its own global bomb limit; ours is checked
-            # below from the header, per call, so silence the global one here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS)
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise ImageError(f"image declares an empty size {width}x{height}")
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}"
-                )
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated GIF/WebP/multi-page TIFF: classify the first frame
-            if draft_size and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                image.draft(image.mode, (draft_size, draft_size))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        image = Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS)
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"image declares an empty size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}"
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated GIF/WebP/multi-page TIFF: classify the first frame
+        if draft_size and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            image.draft(image.mode, (draft_size, draft_size))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
         raise ImageError("not an image in an accepted format (JPEG, PNG, TIFF, BMP, WebP, GIF)") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError("image exceeds the decoder's pixel limit") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Truncated or corrupt data surfaces as OSError/SyntaxError/ValueError in Pillow.
         raise ImageError(f"image data is truncated or corrupt ({type(exc).__name__})") from exc

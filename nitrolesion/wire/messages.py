@@ -37,6 +37,112 @@ SESSION_ID_SIZE = 16
 WRAPPED_KEY_SIZE = 384  # RSA-3072 modulus
 GCM_NONCE_SIZE = 12
 MAX_ERROR_TEXT = 512
+#: Nesting allowed in a CBOR body. Message bodies are flat maps (depth 1); a result adds
+#: one map for the probabilities (depth 2); 4 leaves slack and keeps any walk shallow.
+MAX_CBOR_DEPTH = 4
+#: Items (map keys and values, array elements) allowed in one body. The largest body we
+#: send, a result with 7 probabilities, has about 25; 256 is ample and keeps the check and
+#: the decode O(1) in work per frame instead of O(frame size) in Python calls.
+MAX_CBOR_ITEMS = 256
+#: Keys named in a "wrong fields" error, and characters of each: enough to debug a client,
+#: bounded so the ERROR frame stays under MAX_ERROR_TEXT whatever the peer sent.
+_KEYS_SHOWN = 6
+_KEY_CHARS = 32
+
+
+def _cbor_head(data: bytes, pos: int) -> tuple[int, int, int, int]:
+    """Read one CBOR initial byte and its argument (RFC 8949 section 3).
+
+    Returns (major type, additional info, argument, next position). Indefinite lengths
+    (additional info 31) and the reserved values 28-30 are refused here.
+    """
+    if pos >= len(data):
+        raise ProtocolError("CBOR body is truncated")
+    initial = data[pos]
+    major, info = initial >> 5, initial & 0x1F
+    pos += 1
+    if info < 24:
+        return major, info, info, pos
+    if info > 27:
+        # 28-30 are reserved; 31 is an indefinite length or "break", which our encoder
+        # never produces and which makes lengths unknowable in advance.
+        raise ProtocolError(f"unsupported CBOR additional information {info}")
+    size = 1 << (info - 24)
+    if pos + size > len(data):
+        raise ProtocolError("CBOR body is truncated")
+    return major, info, int.from_bytes(data[pos:pos + size], "big"), pos + size
+
+
+def _check_cbor_item(data: bytes, pos: int, depth: int, budget: list[int]) -> int:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ProtocolError(f"CBOR body has more than {MAX_CBOR_ITEMS} items")
+    major, info, argument, pos = _cbor_head(data, pos)
+    if major in (0, 1):  # unsigned / negative integer: the head is the whole item
+        return pos
+    if major in (2, 3):  # byte / text string of a definite length
+        if argument > len(data) - pos:
+            raise ProtocolError(f"CBOR string declares {argument} bytes, "
+                                f"only {len(data) - pos} remain")
+        return pos + argument
+    if major in (4, 5):  # array / map
+        if depth >= MAX_CBOR_DEPTH:
+            raise ProtocolError(f"CBOR nesting deeper than {MAX_CBOR_DEPTH}")
+        items = argument * (2 if major == 5 else 1)
+        # Each item needs at least one byte: refuse a huge declared count up front
+        # instead of looping over it.
+        if items > len(data) - pos:
+            raise ProtocolError(f"CBOR container declares {items} items, "
+                                f"only {len(data) - pos} bytes remain")
+        for _ in range(items):
+            pos = _check_cbor_item(data, pos, depth + 1, budget)
+        return pos
+    if major == 6:
+        # Semantic tags make the decoder build arbitrary objects from peer bytes (bignums,
+        # fractions reduced with a quadratic gcd, regexes, shared references). No message
+        # of ours uses one, so none is accepted.
+        raise ProtocolError(f"CBOR tag {argument} is not accepted")
+    # major 7: false/true/null/undefined, simple values and floats; all fixed-size heads.
+    return pos
+
+
+def check_plain_cbor(data: bytes) -> None:
+    """Check that ``data`` is exactly one plain CBOR item, before any decoder sees it.
+
+    Plain means: definite lengths only, no semantic tags, at most MAX_CBOR_DEPTH levels of
+    arrays/maps and MAX_CBOR_ITEMS items, and no bytes after the item. The walk reads only
+    heads (strings are skipped, not copied). Raises :class:`ProtocolError` otherwise.
+    """
+    end = _check_cbor_item(bytes(data), 0, 0, [MAX_CBOR_ITEMS + 1])
+    if end != len(data):
+        raise ProtocolError(f"{len(data) - end} bytes after the CBOR item")
+
+
+def loads_plain(data: bytes):
+    """``cbor2.loads`` for peer bytes: :func:`check_plain_cbor` first, then decode.
+
+    Raises :class:`ProtocolError` for anything that is not one plain CBOR item, and for a
+    map that repeats a key at the top level (cbor2 would silently keep the last one).
+    """
+    check_plain_cbor(data)
+    try:
+        value = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
+        raise ProtocolError("body is not valid CBOR") from exc
+    major, _, declared, _ = _cbor_head(bytes(data), 0)
+    if major == 5 and len(value) != declared:
+        raise ProtocolError(f"CBOR map declares {declared} entries but repeats a key")
+    return value
+
+
+def _describe_keys(keys) -> list[str]:
+    """Peer-chosen map keys, shortened for an error message (never their full text)."""
+    shown = []
+    for key in list(keys)[:_KEYS_SHOWN]:
+        shown.append(repr(key[:_KEY_CHARS]) if isinstance(key, str) else f"<{type(key).__name__}>")
+    if len(keys) > _KEYS_SHOWN:
+        shown.append(f"... {len(keys) - _KEYS_SHOWN} more")
+    return shown
 
 
 class ErrorCode:
@@ -98,7 +204,8 @@ class Message:
         expected = set(cls.SCHEMA)
         if set(data) != expected:
             raise ProtocolError(
-                f"{cls.TYPE.name}: expected fields {sorted(expected)}, got {sorted(map(str, data))}")
+                f"{cls.TYPE.name}: expected fields {sorted(expected)}, "
+                f"got {', '.join(_describe_keys(data)) or 'none'}")
         values = {}
         for name, check in cls.SCHEMA.items():
             values[name] = check(name, data[name])
@@ -258,16 +365,17 @@ def encode_message(message: Message) -> tuple[MessageType, bytes]:
 def decode_message(frame: Frame) -> Message:
     """Parse a frame body into its message class.
 
-    Raises :class:`ProtocolError` if the body is not CBOR, not a map, or any field is
-    missing, extra, of the wrong type or size.
+    Raises :class:`ProtocolError` if the body is not one plain CBOR item (see
+    :func:`check_plain_cbor`), not a map, or any field is missing, extra, of the wrong type
+    or size.
     """
     cls = MESSAGE_CLASSES.get(frame.type)
     if cls is None:
         raise ProtocolError(f"no message defined for frame type {int(frame.type)}")
     try:
-        data = cbor2.loads(frame.body)
-    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
-        raise ProtocolError(f"{cls.TYPE.name}: body is not valid CBOR") from exc
+        data = loads_plain(frame.body)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{cls.TYPE.name}: {exc}") from exc
     if not isinstance(data, dict):
         raise ProtocolError(f"{cls.TYPE.name}: expected a CBOR map, got {type(data).__name__}")
     return cls.from_fields(data)

@@ -1,0 +1,129 @@
+"""The one preprocessing function: odd but legitimate inputs work, hostile ones raise ImageError."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nitrolesion.errors import ImageError
+from nitrolesion.model.preprocess import decode_image, preprocess_image
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def halves(width=40, height=20) -> Image.Image:
+    """Left half red, right half blue."""
+    image = Image.new("RGB", (width, height), (255, 0, 0))
+    image.paste((0, 0, 255), (width // 2, 0, width, height))
+    return image
+
+
+def test_output_shape_dtype_and_range():
+    pixels = preprocess_image(encode(halves(), "PNG"), 64)
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.float32
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+    # (255 - 127.5) / 127.5 == 1 for the red channel on the left, -1 for blue there
+    assert pixels[32, 5, 0] == pytest.approx(1.0) and pixels[32, 5, 2] == pytest.approx(-1.0)
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = encode(halves(), "JPEG", quality=95, exif=exif.tobytes())
+    upright = decode_image(data)
+    assert upright.size == (20, 40)  # width and height swapped
+    top, bottom = np.asarray(upright)[2, 10], np.asarray(upright)[37, 10]
+    # Rotating the red-left/blue-right image 90 degrees clockwise puts red on top.
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_rgba_transparency_becomes_black():
+    image = Image.new("RGBA", (10, 10), (255, 255, 255, 0))
+    image.paste((0, 255, 0, 255), (0, 0, 5, 10))
+    rgb = np.asarray(decode_image(encode(image, "PNG")))
+    assert tuple(rgb[5, 2]) == (0, 255, 0)
+    assert tuple(rgb[5, 8]) == (0, 0, 0)
+
+
+def test_grayscale_gives_three_equal_channels():
+    image = Image.linear_gradient("L").resize((32, 32))
+    pixels = preprocess_image(encode(image, "PNG"), 32)
+    assert np.allclose(pixels[..., 0], pixels[..., 1]) and np.allclose(pixels[..., 1], pixels[..., 2])
+
+
+def test_sixteen_bit_png_keeps_its_contrast():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    image = Image.fromarray(ramp)  # mode I;16
+    assert image.mode.startswith("I;16")
+    rgb = np.asarray(decode_image(encode(image, "PNG")))
+    # A naive convert("RGB") clips at 255 and the whole image turns white.
+    assert rgb[0, 0, 0] < 5 and rgb[-1, -1, 0] > 250 and 100 < rgb[32, 0, 0] < 160
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    rgb = np.asarray(decode_image(encode(cmyk, "JPEG", quality=95)))
+    assert rgb.shape == (16, 16, 3)
+    assert rgb[8, 8, 0] > 200 and rgb[8, 8, 1] < 60 and rgb[8, 8, 2] < 60
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("P", (8, 8), i) for i in (1, 2, 3)]
+    for frame, colour in zip(frames, ((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+        frame.putpalette([0, 0, 0, *colour] * 128)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert tuple(np.asarray(decode_image(data))[4, 4]) == (255, 0, 0)
+
+
+def test_one_pixel_image_is_accepted():
+    assert preprocess_image(encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), 16).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"this is a text file, not a picture", "not an image"),
+    (b"%PDF-1.4 fake", "not an image"),
+])
+def test_non_images_raise_image_error(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        preprocess_image(data)
+
+
+def test_truncated_jpeg_raises_image_error():
+    data = encode(Image.effect_noise((300, 200), 50).convert("RGB"), "JPEG", quality=90)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        preprocess_image(data[: len(data) // 2])
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    data = png_declaring(50_000, 50_000)
+    assert len(data) < 200
+    with pytest.raises(ImageError, match="2500000000 pixels, limit is"):
+        preprocess_image(data)
+
+
+def test_configured_limits_apply():
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageError, match="limit is 5000"):
+        preprocess_image(data, max_pixels=5000)
+    with pytest.raises(ImageError, match="bytes, limit is 10"):
+        preprocess_image(data, max_bytes=10)
