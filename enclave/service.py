@@ -25,7 +25,8 @@ from typing import Callable
 import cbor2
 
 from nitrolesion.crypto.envelope import (
-    Envelope, generate_keypair, load_public_key, open_envelope, public_key_der, request_aad, seal)
+    Envelope, generate_keypair, load_public_key, open_envelope, public_key_der, request_aad, seal,
+    sealed_request_aad)
 from nitrolesion.crypto.keywrap import unwrap_session_key
 from nitrolesion.crypto.session import SessionCipher
 from nitrolesion.errors import (
@@ -341,6 +342,8 @@ class EnclaveService:
     def _handle(self, connection: FramedConnection) -> None:
         with self._conn_lock:
             self._connections.add(connection)
+        if self._stopping.is_set():  # accepted just as shutdown began: serve nothing new
+            connection.shutdown_read()
         handler = ConnectionHandler(self, connection)
         try:
             handler.run()
@@ -423,6 +426,10 @@ class ConnectionHandler:
                     return
             except TransportError:
                 return
+            except Exception:  # a bug or an NSM failure: answer, log (no secrets), end
+                log.exception("request handling failed")
+                self.send_error(ErrorCode.INTERNAL, "internal error; see the enclave log")
+                return
 
     def dispatch(self, message: Message) -> bool:
         """Handle one message; False ends the connection."""
@@ -455,7 +462,7 @@ class ConnectionHandler:
 
     # -- one-shot requests (parent.py client) ------------------------------------------
     def one_shot(self, request: SealedRequest) -> bool:
-        aad = request_aad(MessageType.SEALED_REQUEST, request.request_id)
+        aad = sealed_request_aad(request.request_id, request.parent_public_key)
         try:
             parent_key = load_public_key(request.parent_public_key)
             image = open_envelope(self.service._private_key,

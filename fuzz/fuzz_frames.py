@@ -9,8 +9,17 @@ Run through the Makefile (bounded):   make fuzz            # FUZZ_SECONDS=60 by 
 or directly:  .venv/bin/python fuzz/fuzz_frames.py -max_total_time=60 \
                   -artifact_prefix=fuzz/crashes/ fuzz/corpus
 
-Each crash file in fuzz/crashes/ should become an explicit regression test in
-tests/test_frames.py (feed the crash bytes, assert ProtocolError or the right frames).
+When it finds a crash (fuzz/crashes/crash-<sha1>):
+1. reproduce it:  PYTHONPATH=. .venv/bin/python fuzz/fuzz_frames.py fuzz/crashes/crash-...
+   (libFuzzer runs just that input and prints the traceback);
+2. decode what the input means: the first bytes are max_body and the chunk cuts
+   (FuzzedDataProvider), the rest is the stream; write an explicit regression test in
+   tests/test_frames.py that feeds that stream with those chunks and asserts
+   ProtocolError or the right frames, named after the bug;
+3. keep the input as fuzz/regressions/frames/<what-it-is> and add it to fuzz/corpus/ so
+   later campaigns start from it; fix the bug; leave fuzz/crashes/ empty.
+The message decoder has its own harness, fuzz/fuzz_messages.py, whose regressions are
+replayed by pytest without atheris.
 """
 
 from __future__ import annotations

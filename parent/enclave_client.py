@@ -24,7 +24,7 @@ from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import aws_nitro_root
 from nitrolesion.attestation.verifier import AttestationResult, check_public_key, verify_attestation
 from nitrolesion.crypto.envelope import (
-    load_public_key, new_request_id, public_key_der, request_aad, seal)
+    load_public_key, new_request_id, public_key_der, seal, sealed_request_aad)
 from nitrolesion.crypto.keywrap import wrap_session_key
 from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_key
 from nitrolesion.errors import ProtocolError, RemoteError
@@ -138,7 +138,7 @@ class EnclaveClient:
         assert self.connection is not None and self.attestation is not None, "attest() first"
         enclave_key = load_public_key(self.attestation.public_key)
         request_id = new_request_id()
-        sealed = seal(enclave_key, image, request_aad(MessageType.SEALED_REQUEST, request_id))
+        sealed = seal(enclave_key, image, sealed_request_aad(request_id, parent_public_key_der))
         request = SealedRequest(request_id, parent_public_key_der, sealed.wrapped_key,
                                 sealed.nonce, sealed.ciphertext)
         self.connection.send(request.TYPE, request.to_body())

@@ -13,9 +13,6 @@ then map to 127.0.0.1 (--host to change).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import sys
 import threading
 from datetime import timedelta
@@ -33,7 +30,6 @@ from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
 from nitrolesion.crypto.envelope import fingerprint, public_key_der  # noqa: E402
 from nitrolesion.crypto.keystore import ParentKeyStore, default_key_dir  # noqa: E402
 from nitrolesion.errors import NitroLesionError, RemoteError  # noqa: E402
-from nitrolesion.model.labels import load_labels  # noqa: E402
 from nitrolesion.transport import TRANSPORTS, Endpoint, default_transport  # noqa: E402
 
 #: CID the enclave runs at in the README's nitro-cli command, and its client port.
@@ -107,7 +103,15 @@ def cmd_server(args) -> int:
 
     key = ParentKeyStore(key_dir_of(args)).load_or_create()
     endpoint = Endpoint(transport_of(args), 0xFFFFFFFF, args.port, args.host)
-    server = ParentServer(endpoint, key, key_dir_of(args), lambda event: print(event.text, flush=True))
+    printing = threading.Lock()  # connection threads report at once; keep lines whole
+
+    def show(event) -> None:
+        with printing:
+            print(event.text, flush=True)
+
+    server = ParentServer(endpoint, key, key_dir_of(args), show,
+                          max_connections=args.max_connections, io_timeout=args.io_timeout,
+                          handshake_timeout=args.handshake_timeout)
     server.bind()
     try:
         server.serve_forever()
@@ -167,7 +171,18 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import parent.server as server_limits
+
     parser = argparse.ArgumentParser(
         prog="parent.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -176,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="listen for the enclave's key and sealed results")
     server.add_argument("port", type=int, help="parent port the enclave connects to (5006)")
+    server.add_argument("--max-connections", type=_positive(int), default=server_limits.MAX_CONNECTIONS,
+                        help="connections served at once; more are refused (default %(default)s)")
+    server.add_argument("--io-timeout", type=_positive(float), default=server_limits.IO_TIMEOUT,
+                        help="seconds one frame may take once it started (default %(default)s)")
+    server.add_argument("--handshake-timeout", type=_positive(float),
+                        default=server_limits.HANDSHAKE_TIMEOUT,
+                        help="seconds a new connection has to send its first frame "
+                             "(default %(default)s)")
     add_transport_options(server)
     server.set_defaults(func=cmd_server)
 

@@ -94,8 +94,10 @@ class Proc:
 class EnclaveStack:
     """``parent.py server`` + ``enclave/app.py`` as real processes over TCP loopback."""
 
-    def __init__(self, tmp: Path, enclave_args: tuple[str, ...] = (), start_server: bool = True) -> None:
+    def __init__(self, tmp: Path, enclave_args: tuple[str, ...] = (), start_server: bool = True,
+                 server_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.server_args = tuple(server_args)
         self.key_dir = tmp / "parent-keys"
         self.dev_dir = tmp / "dev-authority"
         self.parent_port = free_port()
@@ -108,7 +110,8 @@ class EnclaveStack:
         self.start_enclave(*enclave_args)
 
     def start_server(self) -> Proc:
-        self.server = Proc([str(PARENT_CLI), "server", str(self.parent_port)], self.env)
+        self.server = Proc([str(PARENT_CLI), "server", str(self.parent_port), *self.server_args],
+                           self.env)
         self.server.wait_for(r"Server ready!")
         return self.server
 

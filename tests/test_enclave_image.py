@@ -7,7 +7,6 @@ has everything it needs (and nothing from the project's own environment leaks in
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

@@ -10,7 +10,7 @@ import sys
 import cbor2
 import pytest
 
-from harness import ENCLAVE_APP, PARENT_CLI, PYTHON, ROOT, EnclaveStack, Proc, free_port, tcp_env, write_dev_policy
+from harness import ENCLAVE_APP, PARENT_CLI, PYTHON, ROOT, EnclaveStack, free_port, tcp_env, write_dev_policy
 from nitrolesion.crypto.envelope import generate_keypair, public_key_der
 from nitrolesion.model.classifier import LesionModel
 from nitrolesion.model.labels import CODES

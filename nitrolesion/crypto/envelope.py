@@ -29,7 +29,7 @@ from Crypto.Random import get_random_bytes
 from Crypto.Signature.pss import MGF1
 
 from nitrolesion.errors import CryptoError, LocalProtocolError
-from nitrolesion.wire.frames import PROTOCOL_VERSION
+from nitrolesion.wire.frames import PROTOCOL_VERSION, MessageType
 
 __all__ = [
     "AES_KEY_SIZE",
@@ -47,6 +47,7 @@ __all__ = [
     "public_key_der",
     "request_aad",
     "seal",
+    "sealed_request_aad",
 ]
 
 RandomBytes = Callable[[int], bytes]
@@ -167,6 +168,21 @@ def request_aad(msg_type: int, request_id: bytes) -> bytes:
             f"{len(request_id) if isinstance(request_id, (bytes, bytearray)) else request_id!r}"
         )
     return REQUEST_AAD_LABEL + struct.pack(">BB", PROTOCOL_VERSION, msg_type) + bytes(request_id)
+
+
+def sealed_request_aad(request_id: bytes, parent_public_key: bytes) -> bytes:
+    """Associated data for a SEALED_REQUEST: ``request_aad`` plus SHA-256(parent key).
+
+    The parent key travels in clear beside the envelope and says whom the enclave seals
+    the result to. Binding its hash here means a host that swaps or flips it makes the
+    request fail to authenticate, instead of having the result sealed to another key.
+
+    Raises LocalProtocolError (a ValueError) for a bad ``request_id`` or a non-bytes key.
+    """
+    if not isinstance(parent_public_key, (bytes, bytearray, memoryview)):
+        raise LocalProtocolError(
+            f"parent public key must be bytes, got {type(parent_public_key).__name__}")
+    return request_aad(MessageType.SEALED_REQUEST, request_id) + hashlib.sha256(bytes(parent_public_key)).digest()
 
 
 @dataclass(frozen=True, slots=True)

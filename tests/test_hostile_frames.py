@@ -1,0 +1,36 @@
+"""Hostile frames against the enclave's client port and the parent server's port.
+
+Real processes (tests/harness.py); the cases live in tests/hostile_cases.py, shared with
+scripts/robustness_report.py. Each test asserts the precise answer the peer got, then that
+the server still serves a normal request (a classification checked against the
+in-process classifier, or an announce acknowledged by the parent server).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hostile_cases import FRAME_CASES, HostileContext, case_id, new_stack, run_case
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, model_present):
+    stack = new_stack(tmp_path_factory.mktemp("hostile-frames"))
+    try:
+        yield HostileContext(stack)
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("case", FRAME_CASES, ids=case_id)
+def test_hostile_frame(hostile, case):
+    outcome, serving = run_case(hostile, case)
+    case.check(outcome)
+    assert serving.code == "OK", f"{case.target} stopped serving after {case.name}: {serving}"
+
+
+def test_servers_logged_no_traceback(hostile):
+    """Every hostile frame was handled on purpose: no handler thread died with a traceback."""
+    for proc in (hostile.stack.enclave, hostile.stack.server):
+        assert proc.process.poll() is None
+        assert "Traceback" not in proc.output, proc.output
