@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
 from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
 from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
 
@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--size", default="600x450", help="WIDTHxHEIGHT of the test photos")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="TFLite file to time")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    model = LesionModel()
+    model = LesionModel(args.model)
     classifier = model.new_classifier(num_threads=1)
     photos, source = sample_photos(args.images, (width, height))
     for photo in photos[:5]:  # warm-up: first invocations allocate and pick kernels

@@ -14,6 +14,7 @@ Nothing here logs an image, a label or a key: log lines name requests by counter
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -269,6 +270,7 @@ class EnclaveService:
         self._connections: set[FramedConnection] = set()
         self._conn_lock = threading.Lock()
         self._listener: object | None = None
+        self._served = itertools.count(1)
         self.served = 0
         self.ready = threading.Event()
 
@@ -334,7 +336,7 @@ class EnclaveService:
         connection.close()
 
     def _finished_one(self) -> None:
-        self.served += 1
+        self.count_served()
         if self.config.once:
             self.shutdown()
 
@@ -354,6 +356,10 @@ class EnclaveService:
                 self._connections.discard(connection)
                 self._handlers.discard(threading.current_thread())
             self._slots.release()
+
+    def count_served(self) -> None:
+        """Thread-safe: workers of several connections finish requests at once."""
+        self.served = next(self._served)
 
     def remember_request(self, request_id: bytes) -> bool:
         """False if this request id was seen before (a replay)."""
@@ -557,7 +563,7 @@ class ConnectionHandler:
         except NitroLesionError:
             pass  # the client went away; the worker is free again either way
         if "result" in payload:
-            self.service.served += 1
+            self.service.count_served()
 
     def _release(self) -> None:
         self._window.release()

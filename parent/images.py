@@ -15,8 +15,10 @@ def expand_images(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
+            # not is_dir() rather than is_file(): a dangling symlink is kept, so the batch
+            # reports it as unreadable instead of silently skipping it.
             out.extend(sorted(p for p in path.iterdir()
-                              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+                              if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES))
         else:
             out.append(path)
     return out

@@ -89,9 +89,22 @@ def _oaep(key: RsaKey, randfunc: RandomBytes | None = None):
 def generate_keypair(*, randfunc: RandomBytes | None = None) -> RsaKey:
     """Generate an RSA-3072 key pair (public exponent 65537) in memory.
 
-    ``randfunc`` defaults to the OS CSPRNG. Raises nothing on purpose.
+    By default the primes come from OpenSSL (via ``cryptography``), which is about five
+    times faster than pycryptodome's pure prime search (0.2 s against 0.9-2.4 s measured
+    here) and so keeps the enclave's boot short; the key is handed to pycryptodome in
+    memory only. With ``randfunc`` (tests), pycryptodome generates it from that source.
+    Raises nothing on purpose.
     """
-    return RSA.generate(RSA_BITS, randfunc=randfunc, e=65537)
+    if randfunc is not None:
+        return RSA.generate(RSA_BITS, randfunc=randfunc, e=65537)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    der = private.private_bytes(serialization.Encoding.DER,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return RSA.import_key(der)
 
 
 def public_key_der(key: RsaKey) -> bytes:
