@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Floors a little under what models/evaluate.py measured on the test split for the shipped
 #: model (see models/MODEL_CARD.md); a regression below them fails the suite.
-ACCURACY_FLOOR = 0.80
-BALANCED_ACCURACY_FLOOR = 0.63
+ACCURACY_FLOOR = 0.77
+BALANCED_ACCURACY_FLOOR = 0.62
 
 
 @pytest.fixture(scope="module")
