@@ -26,7 +26,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from nitrolesion.enclave_image import image_files  # noqa: E402
 from nitrolesion.model.classifier import LesionModel  # noqa: E402
 from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
 from nitrolesion.model.labels import CODES  # noqa: E402
-from nitrolesion.transport import Endpoint  # noqa: E402
+from nitrolesion.transport import Endpoint, free_tcp_port as free_port  # noqa: E402
 from enclave.service import MAX_CONNECTIONS  # noqa: E402
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY  # noqa: E402
@@ -89,10 +88,6 @@ MEMORY_FLOOR_MIB = 512
 
 
 # -- the enclave process -------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LocalEnclave:

@@ -301,6 +301,16 @@ class FramedConnection:
         except OSError:
             pass
 
+    def _arm(self, deadline: float | None) -> None:
+        """Give the next socket call what is left of the whole call's budget."""
+        if deadline is None:
+            self._sock.settimeout(None)
+            return
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise TimeoutError
+        self._sock.settimeout(remaining)
+
     def _budget(self, timeout: float | None | _Default) -> float | None:
         value = self._timeout if isinstance(timeout, _Default) else timeout
         if value is not None and value < 0:
@@ -355,13 +365,7 @@ class FramedConnection:
         deadline = None if budget is None else self._clock() + budget
         try:
             while data:
-                if deadline is not None:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    self._sock.settimeout(remaining)
-                else:
-                    self._sock.settimeout(None)
+                self._arm(deadline)
                 data = data[self._sock.send(data) :]
         except TimeoutError as exc:
             self._send_broken = True
@@ -391,13 +395,7 @@ class FramedConnection:
             if frame is not None:
                 return frame
             try:
-                if deadline is not None:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    self._sock.settimeout(remaining)
-                else:
-                    self._sock.settimeout(None)
+                self._arm(deadline)
                 # Never ask for more than the decoder will accept.
                 data = self._sock.recv(min(RECV_CHUNK, decoder.capacity_left))
             except TimeoutError as exc:
@@ -416,3 +414,10 @@ class FramedConnection:
                     f"{decoder.buffered} bytes of a partial frame received)"
                 )
             decoder.feed(data)
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (for local demos, tests, benches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

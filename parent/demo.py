@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.enclave_image import PROJECT_ROOT, image_files
-from nitrolesion.transport import Endpoint
+from nitrolesion.transport import Endpoint, free_tcp_port
 from parent.enclave_client import EnclaveClient, Trust, load_roots
 from parent.images import NO_IMAGE_HELP, default_image
 from parent.server import ParentServer, ServerEvent
@@ -36,10 +35,6 @@ BOOT_TIMEOUT = 60.0
 RESULT_TIMEOUT = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def step(text: str) -> None:
@@ -111,7 +106,7 @@ def run_demo(args) -> int:
         step(f"parent key pair (RSA-3072) in {state / 'parent'} (0600)")
         parent_key = ParentKeyStore(state / "parent").load_or_create()
 
-        parent_port, client_port = free_port(), free_port()
+        parent_port, client_port = free_tcp_port(), free_tcp_port()
         events: queue.Queue = queue.Queue()
 
         def on_event(event: ServerEvent) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nitrolesion.transport import free_tcp_port as free_port  # noqa: E402
 PYTHON = sys.executable
 ENCLAVE_APP = ROOT / "enclave" / "app.py"
 PARENT_CLI = ROOT / "parent" / "parent.py"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tcp_env(key_dir: Path | None = None) -> dict:
