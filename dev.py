@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     if job == "demo":
         command = [python, str(ROOT / "parent" / "parent.py"), "demo", *rest]
     elif job == "test":
-        command = [python, "-m", "pytest", *(rest or ["-q"])]
+        command = [python, "-m", "pytest", *rest]
     else:
         for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py"):
             print(f"\n$ python {script}", flush=True)
