@@ -45,3 +45,15 @@ def stack(tmp_path, model_present):
     running = EnclaveStack(tmp_path)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, model_present):
+    """One real stack per hostile-case module (tests/hostile_cases.py drives it)."""
+    from hostile_cases import HostileContext, new_stack
+
+    stack = new_stack(tmp_path_factory.mktemp("hostile"))
+    try:
+        yield HostileContext(stack)
+    finally:
+        stack.stop()

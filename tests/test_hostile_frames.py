@@ -10,16 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostile_cases import FRAME_CASES, HostileContext, case_id, new_stack, run_case
-
-
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory, model_present):
-    stack = new_stack(tmp_path_factory.mktemp("hostile-frames"))
-    try:
-        yield HostileContext(stack)
-    finally:
-        stack.stop()
+from hostile_cases import FRAME_CASES, case_id, run_case
 
 
 @pytest.mark.parametrize("case", FRAME_CASES, ids=case_id)
