@@ -16,12 +16,15 @@ Steps:
    balanced accuracy); the result is kept in the training report.
 4. Head warm-up with the backbone frozen, then fine-tuning of the whole network with
    augmentation (flips, 90-degree rotations, zoom, colour jitter) and square-root
-   inverse-frequency class weights; the epoch with the best validation score
-   (accuracy + balanced accuracy) is kept.
+   inverse-frequency class weights; the epoch with the best validation score (see
+   ``score``) is kept, unless the average of the last
+   ``--average-last`` epochs' weights scores higher on validation (BatchNorm statistics
+   are frozen, so averaged weights need no re-estimation).
 5. Prior correction: a per-class logit bias ``alpha * log(1/prior)`` folded into the last
    layer, alpha chosen on the validation split (never on test).
-6. Export: full-integer (int8) TFLite with float input/output, calibrated on training
-   images; validation metrics of the .tflite are checked against the Keras model.
+6. Export: full-integer (int8, calibrated on training images), dynamic-range (int8
+   weights) and float16-weight TFLite files, all with float32 input/output; each is scored
+   on validation and the best one within the 5 MB budget ships.
 """
 
 from __future__ import annotations
@@ -126,9 +129,19 @@ def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
     return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)
 
 
+# The product's targets (issue 2). Selection maximises the smaller margin over them, so a
+# choice cannot buy one metric with the other: the earlier score, accuracy + balanced
+# accuracy, let the prior correction trade accuracy (short of its target) for balanced
+# accuracy (already well above its own).
+ACCURACY_TARGET = 0.80
+BALANCED_ACCURACY_TARGET = 0.65
+
+
 def score(metrics: dict) -> float:
-    """Model selection score on validation: accuracy and balanced accuracy, equally."""
-    return metrics["accuracy"] + metrics["balanced_accuracy"]
+    """Model selection score on validation: the smaller of the margins of accuracy and
+    balanced accuracy over their targets."""
+    return min(metrics["accuracy"] - ACCURACY_TARGET,
+               metrics["balanced_accuracy"] - BALANCED_ACCURACY_TARGET)
 
 
 def prior_bias(train_labels: np.ndarray, alpha: float) -> np.ndarray:
@@ -168,15 +181,18 @@ def linear_probe(sizes, ids_by_split, labels_by_split, images_dir, backbone_weig
     return results
 
 
-def export_tflite(model, calibration: np.ndarray | None, path: Path) -> int:
-    """Write a quantized TFLite file: full int8 when ``calibration`` is given, else
-    dynamic-range (int8 weights, float activations). Input and output stay float32: the
-    shared preprocessing produces [-1, 1] floats and the enclave reads probabilities."""
+def export_tflite(model, quantization: str, calibration: np.ndarray, path: Path) -> int:
+    """Write a quantized TFLite file. ``quantization`` is "int8" (full integer, calibrated
+    on ``calibration``), "dynamic_range" (int8 weights, float activations) or "float16"
+    (float16 weights). Input and output stay float32: the shared preprocessing produces
+    [-1, 1] floats and the enclave reads probabilities."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if calibration is not None:
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "int8":
         def representative():
             for i in range(len(calibration)):
                 yield [calibration[i : i + 1]]
@@ -214,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare these input sizes by a linear probe first")
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs")
+    parser.add_argument("--average-last", type=int, default=0,
+                        help="also try the average of the last N epochs' weights (0: off)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate")
     parser.add_argument("--dropout", type=float, default=0.3)
@@ -284,14 +302,27 @@ def main(argv: list[str] | None = None) -> int:
                                                       warmup_target=args.lr,
                                                       warmup_steps=steps // 10)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
-    best_score, best_weights, best_epoch = -1.0, None, 0
+    best_score, best_weights, best_epoch = -np.inf, None, 0
+    averaged, averaged_count = None, 0
     for epoch in range(args.epochs):
         model.fit(train_data, epochs=1, class_weight=class_weight, verbose=0)
         metrics = evaluate_val(f"finetune {epoch + 1}")
         if score(metrics) > best_score:
             best_score, best_weights, best_epoch = score(metrics), model.get_weights(), epoch + 1
-    model.set_weights(best_weights)
+        if args.average_last and epoch >= args.epochs - args.average_last:
+            current = model.get_weights()
+            averaged = current if averaged is None else [a + w for a, w in zip(averaged, current)]
+            averaged_count += 1
     report["best_finetune_epoch"] = best_epoch
+    report["kept_weights"] = f"finetune epoch {best_epoch}"
+    if averaged is not None:
+        model.set_weights([a / averaged_count for a in averaged])
+        tag = f"average of finetune epochs {args.epochs - averaged_count + 1}-{args.epochs}"
+        if score(evaluate_val(tag)) > best_score:
+            report["kept_weights"] = tag
+            best_weights = model.get_weights()
+    model.set_weights(best_weights)
+    log(f"kept weights: {report['kept_weights']}")
 
     val_probs = model.predict(x["val"], batch_size=64, verbose=0)
     alphas = [round(a, 2) for a in np.arange(-0.5, 1.01, 0.1)]
@@ -312,14 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     calibration = x["train"][rng.choice(len(x["train"]), min(1000, len(x["train"])), replace=False)]
     pick = ("accuracy", "balanced_accuracy", "macro_roc_auc", "top3_accuracy")
     candidates = {}
-    for name, calib in (("int8", calibration), ("dynamic_range", None)):
+    for name in ("int8", "dynamic_range", "float16"):
         path = args.build / f"lesion_classifier.{name}.tflite"
-        size_bytes = export_tflite(model, calib, path)
+        size_bytes = export_tflite(model, name, calibration, path)
         metrics = summarize(y["val"], tflite_predict(path, x["val"]), codes)
         candidates[name] = {"path": path, "bytes": size_bytes, "val": metrics}
         log(f"tflite {name}: {size_bytes} bytes, val {({k: round(metrics[k], 4) for k in pick})}")
-    # Ship the quantization with the best validation score among files within the 5 MB budget.
-    fitting = {n: c for n, c in candidates.items() if c["bytes"] <= 5 * 1024 * 1024}
+    # Ship the quantization with the best validation score among files within the 5 MB
+    # budget (counted as 5,000,000 bytes, the stricter reading).
+    fitting = {n: c for n, c in candidates.items() if c["bytes"] <= 5_000_000}
     chosen = max(fitting, key=lambda n: score(fitting[n]["val"]))
     tmp = args.output.with_suffix(".tmp")
     tmp.write_bytes(candidates[chosen]["path"].read_bytes())
