@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Floors a little under what models/evaluate.py measured on the test split for the shipped
 #: model (see models/MODEL_CARD.md); a regression below them fails the suite.
 ACCURACY_FLOOR = 0.77
-BALANCED_ACCURACY_FLOOR = 0.62
+BALANCED_ACCURACY_FLOOR = 0.60
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def classifier(model_present):
 
 
 def test_model_file_is_small_enough(model_present):
-    assert DEFAULT_MODEL_PATH.stat().st_size <= 5 * 1024 * 1024
+    # 5 MB read strictly as 5,000,000 bytes, as models/train.py does when choosing a file.
+    assert DEFAULT_MODEL_PATH.stat().st_size <= 5_000_000
 
 
 def test_labels_align_with_codes_and_model(classifier):
