@@ -27,6 +27,7 @@ import cbor2
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.stats import percentile  # noqa: E402
 from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
 from nitrolesion.attestation.verifier import verify_attestation  # noqa: E402
 
@@ -45,9 +46,7 @@ def timings_ms(action: Callable[[], object], runs: int) -> list[float]:
 
 
 def summary(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return statistics.fmean(samples), statistics.median(samples), p95
+    return statistics.fmean(samples), statistics.median(samples), percentile(samples, 0.95)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.stats import percentile  # noqa: E402
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
 from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
 from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
@@ -60,8 +61,7 @@ def timed(function, items) -> list[float]:
 
 
 def describe(name: str, samples: list[float], baseline: float) -> str:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    p95 = percentile(samples, 0.95)
     return (f"{name:34s} mean {statistics.fmean(samples):7.2f} ms  p50 {statistics.median(samples):7.2f}"
             f"  p95 {p95:7.2f}  x{statistics.fmean(samples) / baseline:5.2f} of decode")
 

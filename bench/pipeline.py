@@ -25,32 +25,30 @@ import argparse
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from nitrolesion.attestation.dev_authority import dev_pcrs, measure_files  # noqa: E402
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
+from bench.stats import percentile  # noqa: E402
+from harness import ENCLAVE_APP, Proc, free_port, tcp_env  # noqa: E402
 from nitrolesion.enclave_image import image_files  # noqa: E402
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
 from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
 from nitrolesion.model.labels import CODES  # noqa: E402
-from nitrolesion.transport import Endpoint, free_tcp_port as free_port  # noqa: E402
+from nitrolesion.transport import Endpoint  # noqa: E402
 from enclave.service import MAX_CONNECTIONS  # noqa: E402
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY  # noqa: E402
-from parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust, load_roots  # noqa: E402
+from parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust  # noqa: E402
 
-ENCLAVE_APP = ROOT / "enclave" / "app.py"
 MIB = 1024 * 1024
 
 #: Targets from the "Serve many" issue.
@@ -91,36 +89,28 @@ MEMORY_FLOOR_MIB = 512
 
 
 class LocalEnclave:
-    """``enclave/app.py`` over TCP with the development authority, as tests/harness.py runs it.
+    """``enclave/app.py`` over TCP with the development authority, started by tests/harness.py.
 
     No parent server is started: sessions return results on the client connection, so the
     enclave's parent link only retries quietly in the background.
     """
 
+    #: The enclave's own boot line (logged from main(), after imports).
+    READY_LINE = r"ready in ([\d.]+) s \(key generation ([\d.]+) s, (\d+) workers"
+
     def __init__(self, state_dir: Path, extra_args: list[str]) -> None:
         self.dev_dir = state_dir / "dev-authority"
         self.port = free_port()
-        env = dict(os.environ, ENCLAVE_TRANSPORT="tcp", PYTHONUNBUFFERED="1")
-        self.lines: list[str] = []
-        self._ready = threading.Event()
         self.started = time.perf_counter()
-        self.ready_at: float | None = None
-        self.process = subprocess.Popen(
-            [sys.executable, str(ENCLAVE_APP), "3", str(self.port), str(free_port()),
-             "--dev-attestation", str(self.dev_dir), *extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(BOOT_TIMEOUT):
+        self.proc = Proc([str(ENCLAVE_APP), "3", str(self.port), str(free_port()),
+                          "--dev-attestation", str(self.dev_dir), *extra_args], tcp_env())
+        try:
+            ready = self.proc.wait_for(self.READY_LINE, timeout=BOOT_TIMEOUT)
+        except AssertionError as exc:
             self.stop()
-            raise RuntimeError("the enclave did not become ready:\n" + "\n".join(self.lines))
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            if self.ready_at is None and "ready in" in line:
-                self.ready_at = time.perf_counter()
-                self._ready.set()
-            self.lines.append(line.rstrip("\n"))
-        self._ready.set()  # EOF: let the waiter see the failure
+            raise RuntimeError(f"the enclave did not become ready: {exc}") from None
+        self.ready_at = time.perf_counter()
+        self._logged = (float(ready.group(1)), float(ready.group(2)), ready.group(3))
 
     @property
     def boot_seconds(self) -> float:
@@ -129,40 +119,26 @@ class LocalEnclave:
 
     def logged_boot(self) -> tuple[float, float, str]:
         """(ready, key generation, workers) as the enclave logs them (from main(), after imports)."""
-        for line in self.lines:
-            match = re.search(r"ready in ([\d.]+) s \(key generation ([\d.]+) s, (\d+) workers", line)
-            if match:
-                return float(match.group(1)), float(match.group(2)), match.group(3)
-        raise RuntimeError("no 'ready in' line in the enclave log")
+        return self._logged
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the enclave process has used so far."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text(encoding="ascii")
+        stat = Path(f"/proc/{self.proc.process.pid}/stat").read_text(encoding="ascii")
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
         """VmHWM (peak resident set) of the enclave process, in MiB."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="ascii")
-        kib = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
-        return kib / 1024
+        return self.proc.status_kib()["VmHWM"] / 1024
 
     def trust(self) -> Trust:
-        policy = AttestationPolicy.for_dev_pcrs(dev_pcrs(measure_files(image_files(ROOT), ROOT)))
-        return Trust(policy, load_roots(self.dev_dir / "dev_root.pem"))
+        return Trust.for_dev_enclave(self.dev_dir, ROOT)
 
     def endpoint(self) -> Endpoint:
         return Endpoint("tcp", 16, self.port)
 
     def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return self.proc.stop(timeout=30)
 
 
 class CountingConnection:
@@ -193,11 +169,6 @@ def load_images(count: int) -> list[bytes]:
     if len(ids) < count or not images_dir.is_dir():
         raise SystemExit(f"need {count} test-split images under {images_dir} (set HAM10000_DIR)")
     return [(images_dir / f"{image_id}.jpg").read_bytes() for image_id in ids]
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def run_baseline(images: list[bytes]):
@@ -367,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
          f"(RSS + rootfs ~{rootfs:.0f} + kernel {KERNEL_OVERHEAD_MIB:g}) x {HEADROOM:g}"
          + (f", >= {EIF_MEMORY_RATIO} x EIF {eif_mib:.0f}" if eif_mib else ", no --eif given")),
     ]
-    print(f"{n} test-split images, model {LesionModel().model_path.name}; "
+    print(f"{n} test-split images, model {DEFAULT_MODEL_PATH.name}; "
           f"{args.single} single requests; wire bytes count every frame after attestation")
     width = max(len(name) for name, _, _ in rows)
     print(f"{'metric':{width}}  {'value':>18}  target")

@@ -39,7 +39,8 @@ for _path in (ROOT, ROOT / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from harness import EnclaveStack  # noqa: E402
+from bench.stats import percentile  # noqa: E402
+from harness import EnclaveStack, Proc  # noqa: E402
 from nitrolesion.errors import NitroLesionError  # noqa: E402
 from nitrolesion.model.classifier import LesionModel  # noqa: E402
 
@@ -94,17 +95,6 @@ def load_images(count: int) -> tuple[list[bytes], str]:
     return images, "synthetic (tests/hostile_cases.lesion_image)"
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in KiB from /proc/PID/status."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
-
-
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -112,16 +102,16 @@ def open_fds(pid: int) -> int:
 class Sampler(threading.Thread):
     """Reads the enclave's RSS every SAMPLE_PERIOD seconds until stopped."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, proc: Proc) -> None:
         super().__init__(name="rss-sampler", daemon=True)
-        self.pid = pid
+        self.proc = proc
         self.samples: list[int] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.samples.append(proc_status(self.pid)["VmRSS"])
+                self.samples.append(self.proc.status_kib()["VmRSS"])
             except (OSError, KeyError):
                 return  # the process is gone
             self.stop.wait(SAMPLE_PERIOD)
@@ -178,11 +168,6 @@ def matches(result: dict, want: dict) -> bool:
         abs(result["probabilities"][k] - v) <= TOLERANCE for k, v in want["probabilities"].items())
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
 def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = 2, image_count: int = 24,
              per_session: int = 25, log=print) -> SoakResult:
     """Run the soak against a fresh local stack; returns the figures (see module docstring)."""
@@ -200,10 +185,10 @@ def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = 2, image_
         try:
             pid = stack.enclave.process.pid
             trust = stack.trust()
-            start_status, start_fds = proc_status(pid), open_fds(pid)
+            start_status, start_fds = stack.enclave.status_kib(), open_fds(pid)
             log(f"enclave pid {pid}: RSS {start_status['VmRSS']} KiB, {start_fds} fds; "
                 f"{clients} clients for {seconds:g} s")
-            sampler = Sampler(pid)
+            sampler = Sampler(stack.enclave)
             sampler.start()
             tally = Tally()
             started = time.monotonic()
@@ -219,7 +204,7 @@ def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = 2, image_
             elapsed = time.monotonic() - started
             time.sleep(SETTLE_SECONDS)
             result.enclave_alive = stack.enclave.process.poll() is None
-            end_status = proc_status(pid) if result.enclave_alive else {"VmRSS": 0, "VmHWM": 0}
+            end_status = stack.enclave.status_kib() if result.enclave_alive else {"VmRSS": 0, "VmHWM": 0}
             end_fds = open_fds(pid) if result.enclave_alive else -1
             sampler.stop.set()
             sampler.join(timeout=5)

@@ -38,7 +38,7 @@ from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.transport import Endpoint, FramedConnection, accept, connect, listen
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
-    MAX_ERROR_TEXT, Accepted, AnnounceAck, Attestation, EnclaveAnnounce, ErrorCode, ErrorMessage,
+    Accepted, AnnounceAck, Attestation, EnclaveAnnounce, ErrorCode, ErrorMessage,
     Goodbye, Hello, Message, SealedRequest, SealedResult, SessionClassify, SessionOpen,
     SessionReady, SessionResult, decode_message, loads_plain)
 
@@ -390,11 +390,8 @@ class ConnectionHandler:
             self.connection.send(message.TYPE, message.to_body(), timeout=SEND_TIMEOUT)
 
     def send_error(self, code: str, text: str) -> None:
-        # The peer refuses ERROR texts over MAX_ERROR_TEXT, and a text may quote peer bytes.
-        if len(text) > MAX_ERROR_TEXT:
-            text = text[:MAX_ERROR_TEXT - 3] + "..."
         try:
-            self.send(ErrorMessage(code, text))
+            self.send(ErrorMessage.bounded(code, text))
         except NitroLesionError:
             pass
 

@@ -303,21 +303,19 @@ def main(argv: list[str] | None = None) -> int:
                                                       warmup_steps=steps // 10)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
     best_score, best_weights, best_epoch = -np.inf, None, 0
-    averaged, averaged_count = None, 0
+    last_weights = []  # the last --average-last epochs' weights
     for epoch in range(args.epochs):
         model.fit(train_data, epochs=1, class_weight=class_weight, verbose=0)
         metrics = evaluate_val(f"finetune {epoch + 1}")
         if score(metrics) > best_score:
             best_score, best_weights, best_epoch = score(metrics), model.get_weights(), epoch + 1
         if args.average_last and epoch >= args.epochs - args.average_last:
-            current = model.get_weights()
-            averaged = current if averaged is None else [a + w for a, w in zip(averaged, current)]
-            averaged_count += 1
+            last_weights.append(model.get_weights())
     report["best_finetune_epoch"] = best_epoch
     report["kept_weights"] = f"finetune epoch {best_epoch}"
-    if averaged is not None:
-        model.set_weights([a / averaged_count for a in averaged])
-        tag = f"average of finetune epochs {args.epochs - averaged_count + 1}-{args.epochs}"
+    if last_weights:
+        model.set_weights([np.mean(layer, axis=0) for layer in zip(*last_weights)])
+        tag = f"average of finetune epochs {args.epochs - len(last_weights) + 1}-{args.epochs}"
         if score(evaluate_val(tag)) > best_score:
             report["kept_weights"] = tag
             best_weights = model.get_weights()

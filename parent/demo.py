@@ -19,13 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from nitrolesion.attestation.dev_authority import dev_pcrs, measure_files
-from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
-from nitrolesion.enclave_image import PROJECT_ROOT, image_files
+from nitrolesion.enclave_image import PROJECT_ROOT
 from nitrolesion.transport import Endpoint, free_tcp_port
-from parent.enclave_client import EnclaveClient, Trust, load_roots
+from parent.enclave_client import EnclaveClient, Trust
 from parent.images import NO_IMAGE_HELP, default_image
 from parent.server import ParentServer, ServerEvent
 
@@ -33,8 +31,6 @@ from parent.server import ParentServer, ServerEvent
 #: model load take ~1-2 s; the slack covers a loaded CI machine).
 BOOT_TIMEOUT = 60.0
 RESULT_TIMEOUT = 60.0
-
-
 
 
 def step(text: str) -> None:
@@ -124,9 +120,7 @@ def run_demo(args) -> int:
         enclave = EnclaveProcess(client_port, parent_port, state / "dev-authority")
         announced = wait_for(events, "key", BOOT_TIMEOUT, enclave)
 
-        pcr0 = measure_files(image_files(PROJECT_ROOT), PROJECT_ROOT)
-        policy = AttestationPolicy.for_dev_pcrs(dev_pcrs(pcr0))
-        trust = Trust(policy, load_roots(state / "dev-authority" / "dev_root.pem"))
+        trust = Trust.for_dev_enclave(state / "dev-authority")
         step("client: fresh nonce -> attestation document; verifying chain to the dev root, "
              "signature, nonce and PCRs measured here from enclave/, nitrolesion/ and the model")
         endpoint = Endpoint("tcp", 16, client_port)

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 import cbor2
 from cryptography import x509
 
+from nitrolesion.attestation.dev_authority import ROOT_CERT_FILE, dev_pcrs, measure_files
 from nitrolesion.attestation.errors import PublicKeyMismatch
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import aws_nitro_root
@@ -27,6 +28,7 @@ from nitrolesion.crypto.envelope import (
     load_public_key, new_request_id, public_key_der, seal, sealed_request_aad)
 from nitrolesion.crypto.keywrap import wrap_session_key
 from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_key
+from nitrolesion.enclave_image import PROJECT_ROOT, image_files
 from nitrolesion.errors import ProtocolError, RemoteError
 from nitrolesion.transport import Endpoint, FramedConnection, connect
 from nitrolesion.wire.frames import MessageType
@@ -58,6 +60,15 @@ class Trust:
     policy: AttestationPolicy
     extra_roots: list[x509.Certificate] = field(default_factory=list)
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+
+    @classmethod
+    def for_dev_enclave(cls, dev_state_dir: Path, project_root: Path = PROJECT_ROOT) -> "Trust":
+        """Trust a local enclave run from ``project_root`` with the development attestation
+        authority in ``dev_state_dir``: its PCRs measured here from the same files, and its
+        development root (the demo, tests and benchmarks; never the default)."""
+        pcrs = dev_pcrs(measure_files(image_files(project_root), project_root))
+        return cls(AttestationPolicy.for_dev_pcrs(pcrs),
+                   load_roots(Path(dev_state_dir) / ROOT_CERT_FILE))
 
     def verify(self, message: Attestation, nonce: bytes, expected_key: bytes | None = None) -> AttestationResult:
         """Verify an ATTESTATION answer; raises an AttestationError subclass on any failure.

@@ -24,7 +24,7 @@ from nitrolesion.errors import (
 from nitrolesion.transport import Endpoint, FramedConnection, accept, listen
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
-    MAX_ERROR_TEXT, AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
+    AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
     decode_message, loads_plain)
 
 #: File in the state folder holding the last announced enclave key and its document.
@@ -120,10 +120,8 @@ class ParentServer:
 
     @staticmethod
     def _send_error(connection: FramedConnection, code: str, text: str) -> None:
-        if len(text) > MAX_ERROR_TEXT:
-            text = text[:MAX_ERROR_TEXT - 3] + "..."
         try:
-            error = ErrorMessage(code, text)
+            error = ErrorMessage.bounded(code, text)
             connection.send(error.TYPE, error.to_body(), timeout=SEND_TIMEOUT)
         except NitroLesionError:
             pass

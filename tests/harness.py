@@ -27,8 +27,6 @@ ENCLAVE_APP = ROOT / "enclave" / "app.py"
 PARENT_CLI = ROOT / "parent" / "parent.py"
 
 
-
-
 def tcp_env(key_dir: Path | None = None) -> dict:
     env = dict(os.environ, ENCLAVE_TRANSPORT="tcp", PYTHONUNBUFFERED="1")
     if key_dir is not None:
@@ -78,6 +76,16 @@ class Proc:
 
     def _pending(self) -> bool:
         return not self.process.stdout.closed and self.process.poll() is None
+
+    def status_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of the process in KiB, from /proc/PID/status."""
+        values = {}
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = int(rest.split()[0])
+        return values
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -133,14 +141,9 @@ class EnclaveStack:
 
     def trust(self):
         """A Trust pinned to this enclave's development PCRs and root."""
-        sys.path.insert(0, str(ROOT))
-        from nitrolesion.attestation.dev_authority import dev_pcrs, measure_files
-        from nitrolesion.attestation.policy import AttestationPolicy
-        from nitrolesion.enclave_image import image_files
-        from parent.enclave_client import Trust, load_roots
+        from parent.enclave_client import Trust
 
-        policy = AttestationPolicy.for_dev_pcrs(dev_pcrs(measure_files(image_files(ROOT), ROOT)))
-        return Trust(policy, load_roots(self.dev_root))
+        return Trust.for_dev_enclave(self.dev_dir, ROOT)
 
     def endpoint(self):
         from nitrolesion.transport import Endpoint

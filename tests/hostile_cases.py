@@ -1006,6 +1006,13 @@ def run_case(ctx: HostileContext, case: HostileCase, attempt: int = 0) -> tuple[
     return outcome, ctx.serving(case.target)
 
 
+def check_case(ctx: HostileContext, case: HostileCase) -> None:
+    """Run ``case`` once; assert the precise answer, then that its server still serves."""
+    outcome, serving = run_case(ctx, case)
+    case.check(outcome)
+    assert serving.code == "OK", f"{case.target} stopped serving after {case.name}: {serving}"
+
+
 # -- faults: each needs its own stack -----------------------------------------------------------
 KEY_LINE = r"Enclave public key received \(sha256 ([0-9a-f]+)\.\.\.\)"
 

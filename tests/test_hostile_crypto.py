@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from hostile_cases import CRYPTO_CASES, case_id, run_case
+from hostile_cases import CRYPTO_CASES, case_id, check_case
 
 
 @pytest.mark.parametrize("case", CRYPTO_CASES, ids=case_id)
 def test_hostile_crypto(hostile, case):
-    outcome, serving = run_case(hostile, case)
-    case.check(outcome)
-    assert serving.code == "OK", f"enclave stopped serving after {case.name}: {serving}"
+    check_case(hostile, case)
 
 
 def test_enclave_log_names_no_result_and_no_traceback(hostile):

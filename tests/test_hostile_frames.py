@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from hostile_cases import FRAME_CASES, case_id, run_case
+from hostile_cases import FRAME_CASES, case_id, check_case
 
 
 @pytest.mark.parametrize("case", FRAME_CASES, ids=case_id)
 def test_hostile_frame(hostile, case):
-    outcome, serving = run_case(hostile, case)
-    case.check(outcome)
-    assert serving.code == "OK", f"{case.target} stopped serving after {case.name}: {serving}"
+    check_case(hostile, case)
 
 
 def test_servers_logged_no_traceback(hostile):

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from hostile_cases import encode, png_bomb
 from nitrolesion.errors import ImageError
 from nitrolesion.model.preprocess import decode_image, preprocess_image
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def halves(width=40, height=20) -> Image.Image:
@@ -105,17 +96,8 @@ def test_truncated_jpeg_raises_image_error():
         preprocess_image(data[: len(data) // 2])
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (a decompression bomb's calling card)."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def test_decompression_bomb_is_refused_from_the_header():
-    data = png_declaring(50_000, 50_000)
+    data = png_bomb(50_000, 50_000)
     assert len(data) < 200
     with pytest.raises(ImageError, match="2500000000 pixels, limit is"):
         preprocess_image(data)

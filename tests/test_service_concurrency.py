@@ -53,8 +53,8 @@ def corpus(ham_dir, reference) -> list[tuple[Path, bytes, Prediction]]:
     """Real test-split images whose expected probability vectors are pairwise different.
 
     With identical expected answers, two images swapped between clients would go unnoticed;
-    skipping look-alikes keeps the mix-up checks meaningful for any model (the int8 output
-    is quantized, so a confident model can give two images the same vector).
+    skipping look-alikes keeps the mix-up checks meaningful for any model (a confident or
+    quantized model can give two images the same vector).
     """
     needed = CLIENTS * IMAGES_PER_CLIENT
     chosen, seen = [], set()

@@ -124,12 +124,13 @@ def loads_plain(data: bytes):
     Raises :class:`ProtocolError` for anything that is not one plain CBOR item, and for a
     map that repeats a key at the top level (cbor2 would silently keep the last one).
     """
+    data = bytes(data)
     check_plain_cbor(data)
     try:
         value = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
         raise ProtocolError("body is not valid CBOR") from exc
-    major, _, declared, _ = _cbor_head(bytes(data), 0)
+    major, _, declared, _ = _cbor_head(data, 0)
     if major == 5 and len(value) != declared:
         raise ProtocolError(f"CBOR map declares {declared} entries but repeats a key")
     return value
@@ -344,6 +345,14 @@ class ErrorMessage(Message):
     message: str
     TYPE: ClassVar = MessageType.ERROR
     SCHEMA: ClassVar = {"code": _text(32), "message": _text(MAX_ERROR_TEXT)}
+
+    @classmethod
+    def bounded(cls, code: str, text: str) -> "ErrorMessage":
+        """An ERROR with ``text`` cut to MAX_ERROR_TEXT characters: a text may quote peer
+        bytes, and the peer refuses longer ones."""
+        if len(text) > MAX_ERROR_TEXT:
+            text = text[:MAX_ERROR_TEXT - 3] + "..."
+        return cls(code, text)
 
 
 @dataclass(frozen=True)
