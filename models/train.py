@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train and export the skin-lesion TFLite model. The epoch, the prior "
                     "correction and the file (int8, dynamic-range or float16 weights, at most "
-                    "5,000,000 bytes) are chosen on the validation split by the smaller margin "
+                    f"5,000,000 bytes and {LATENCY_BUDGET_MS:g} ms per photo under the inference "
+                    "runtime) are chosen on the validation split by the smaller margin "
                     f"over the targets (accuracy {ACCURACY_TARGET}, balanced accuracy "
                     f"{BALANCED_ACCURACY_TARGET}); then, unless --no-refit, the network is "
                     "trained again with those choices on train + validation and that model "
