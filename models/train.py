@@ -14,12 +14,14 @@ Steps:
    ``preprocess_image`` that the enclave also uses.
 3. ``--probe``: compare input sizes by a linear probe on frozen features (validation
    balanced accuracy); the result is kept in the training report.
-4. Head warm-up with the backbone frozen, then fine-tuning of the whole network with
-   augmentation (flips, 90-degree rotations, zoom, colour jitter) and square-root
-   inverse-frequency class weights; the epoch with the best validation score (see
-   ``score``) is kept, unless the average of the last
-   ``--average-last`` epochs' weights scores higher on validation (BatchNorm statistics
-   are frozen, so averaged weights need no re-estimation).
+4. Head warm-up with the backbone frozen, then fine-tuning of the whole network,
+   BatchNorm included (``--batchnorm train``, the default: its statistics and scales move
+   from ImageNet's to dermoscopy's; ``frozen`` keeps ImageNet's), with augmentation
+   (flips, 90-degree rotations, zoom, colour jitter) and square-root inverse-frequency
+   class weights. The epoch with the best validation score (see ``score``) is kept, unless
+   the average of the last ``--average-last`` epochs' weights scores higher on validation
+   (exact with frozen BatchNorm; with trained BatchNorm the averaged moving statistics are
+   an approximation, which the validation score then judges).
 5. Flip averaging (``--tta flips``, the default): the exported graph classifies the image
    and its horizontal, vertical and both-ways mirror images in one batch and averages the
    four probability vectors, so the file keeps its (1, S, S, 3) -> (1, 7) interface.
@@ -115,7 +117,7 @@ def load_images(ids: list[str], images_dir: Path, size: int) -> np.ndarray:
 
 
 def build_model(size: int, backbone_weights: Path, dropout: float, seed: int,
-                batchnorm: str = "frozen"):
+                batchnorm: str = "train"):
     import keras
 
     backbone = keras.applications.MobileNetV2(
@@ -367,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                         help="retrain on train + validation with the choices made on "
                              "validation, and ship that model (default: on)")
-    parser.add_argument("--batchnorm", choices=("frozen", "train"), default="frozen",
-                        help="frozen (default): BatchNorm keeps the backbone's ImageNet "
-                             "statistics and scales while fine-tuning; train: BatchNorm "
-                             "learns them from the training images (momentum 0.99)")
+    parser.add_argument("--batchnorm", choices=("train", "frozen"), default="train",
+                        help="train (default): BatchNorm learns its statistics and scales "
+                             "from the training images (momentum 0.99); frozen: it keeps "
+                             "the backbone's ImageNet ones while fine-tuning")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4, help="peak fine-tuning learning rate")
     parser.add_argument("--dropout", type=float, default=0.3)
