@@ -117,7 +117,7 @@ def load_images(ids: list[str], images_dir: Path, size: int) -> np.ndarray:
 
 
 def build_model(size: int, backbone_weights: Path, dropout: float, seed: int,
-                batchnorm: str = "train"):
+                batchnorm: str):
     import keras
 
     backbone = keras.applications.MobileNetV2(
