@@ -18,7 +18,7 @@ from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
 from nitrolesion.model.dataset import read_metadata, load_split, image_path, make_split
 from nitrolesion.model.labels import CODES, load_labels
 from nitrolesion.model.metrics import roc_auc, summarize
-from nitrolesion.model.preprocess import preprocess_image
+from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE, preprocess_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,12 @@ def classifier(model_present):
 def test_model_file_is_small_enough(model_present):
     # 5 MB read strictly as 5,000,000 bytes, as models/train.py does when choosing a file.
     assert DEFAULT_MODEL_PATH.stat().st_size <= 5_000_000
+
+
+def test_default_input_size_is_the_shipped_models(classifier):
+    # The model file is authoritative at inference; the default only serves callers that
+    # pass no size, and must not silently describe an older model.
+    assert classifier.input_size == DEFAULT_INPUT_SIZE
 
 
 def test_labels_align_with_codes_and_model(classifier):
