@@ -49,8 +49,14 @@ BUSY_RETRIES = 8
 
 
 def load_roots(path: Path) -> list[x509.Certificate]:
-    """Certificates from a PEM file (e.g. the development authority's dev_root.pem)."""
-    return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    """Certificates from a PEM file (e.g. the development authority's dev_root.pem).
+
+    Raises OSError if the file cannot be read, ValueError if it holds no valid certificates.
+    """
+    try:
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except x509.InvalidVersion as exc:  # not a ValueError in cryptography
+        raise ValueError(f"{path}: certificate with an invalid X.509 version") from exc
 
 
 @dataclass

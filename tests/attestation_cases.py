@@ -188,6 +188,16 @@ def lookalike_root() -> x509.Certificate:
     )
 
 
+def with_x509_version(der: bytes, version: int) -> bytes:
+    """A DER certificate with its version field set to ``version`` (0 = v1, 1 = v2, 2 = v3).
+
+    cryptography accepts v1 and v3 only, and refuses others with ``InvalidVersion``, which
+    is not a ValueError (a fuzzer found a verifier that let it escape)."""
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2, first thing in tbsCertificate
+    assert der.count(v3) >= 1 and der.index(v3) < 16, "expected a v3 certificate"
+    return der.replace(v3, v3[:-1] + bytes([version]), 1)
+
+
 def substitute_root(data: bytes) -> bytes:
     """Replace cabundle[0] (the AWS root) with a self-signed look-alike."""
     payload = cbor2.loads(split(data)[2])

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from attestation_cases import SKIP_REASON, document, flip_signature_byte, real_documents
+from attestation_cases import (
+    SKIP_REASON,
+    document,
+    flip_signature_byte,
+    lookalike_root,
+    real_documents,
+    with_x509_version,
+)
 from nitrolesion.attestation.cli import main
 from nitrolesion.attestation.dev_authority import DevAttestationAuthority
 from nitrolesion.attestation.policy import AttestationPolicy
+from parent.enclave_client import load_roots
 
 needs_docs = pytest.mark.skipif(not real_documents(), reason=SKIP_REASON)
 PROD = "anjuna_prod_rsa_pubkey_2021.bin"
@@ -157,6 +167,7 @@ def test_dev_document_needs_root(capsys, tmp_path):
         ["DOC", "--policy", "BADPOLICY"],
         ["DOC", "--root", "MISSING"],
         ["DOC", "--root", "BADPOLICY"],
+        ["DOC", "--root", "BADVERSION"],
         ["DOC", "--nonce", "xyz"],
         ["MISSING"],
         ["DOC", "--frobnicate"],
@@ -165,11 +176,34 @@ def test_dev_document_needs_root(capsys, tmp_path):
 def test_usage_errors_exit_2(capsys, tmp_path, argv):
     (tmp_path / "doc.bin").write_bytes(b"\x84")
     (tmp_path / "bad.json").write_text('{"allowed_pcr": []}')
-    names = {"DOC": tmp_path / "doc.bin", "MISSING": tmp_path / "missing", "BADPOLICY": tmp_path / "bad.json"}
+    bad_version_pem(tmp_path / "v2.pem")
+    names = {"DOC": tmp_path / "doc.bin", "MISSING": tmp_path / "missing", "BADPOLICY": tmp_path / "bad.json",
+             "BADVERSION": tmp_path / "v2.pem"}
     code, out, err = run(capsys, *[names.get(a, a) for a in argv])
     assert code == 2
     assert "usage:" in err or "parent.py verify-attestation: error:" in err
     assert out == ""
+
+
+def bad_version_pem(path):
+    """A PEM certificate whose version field says v2, which cryptography refuses."""
+    der = with_x509_version(lookalike_root().public_bytes(Encoding.DER), 1)
+    path.write_text(pem_armor(der))
+    return path
+
+
+def pem_armor(der: bytes) -> str:
+    body = base64.encodebytes(der).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
+
+
+def test_parent_dev_root_with_invalid_x509_version_is_a_value_error(tmp_path):
+    # parent.py turns OSError and ValueError from load_roots into a usage error (exit 2).
+    good = tmp_path / "good.pem"
+    good.write_text(pem_armor(lookalike_root().public_bytes(Encoding.DER)))
+    assert len(load_roots(good)) == 1
+    with pytest.raises(ValueError, match="invalid X.509 version"):
+        load_roots(bad_version_pem(tmp_path / "v2.pem"))
 
 
 def test_help_exits_0(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from datetime import timedelta, timezone
 
 import cbor2
@@ -26,6 +27,7 @@ from attestation_cases import (
     swap_intermediates,
     with_payload,
     with_protected,
+    with_x509_version,
 )
 from nitrolesion.attestation.errors import (
     AttestationError,
@@ -289,6 +291,23 @@ def test_garbage_certificate_bytes():
     doc = document(PROD)
     with pytest.raises(CertificateChainError, match="certificate: expected a DER X.509 certificate"):
         verify_attestation(with_payload(doc.data, certificate=b"\x30\x03\x02\x01\x01"), now=doc.time, policy=ANY)
+
+
+@needs_docs
+@pytest.mark.parametrize("slot", ["certificate", "cabundle[1]"])
+def test_certificate_with_invalid_x509_version(slot):
+    # Found by test_attestation_fuzz (hypothesis seed 7): one byte, and cryptography raised
+    # InvalidVersion straight through the verifier.
+    doc = document(PROD)
+    payload = doc.payload
+    if slot == "certificate":
+        forged = with_payload(doc.data, certificate=with_x509_version(payload["certificate"], 1))
+    else:
+        cabundle = list(payload["cabundle"])
+        cabundle[1] = with_x509_version(cabundle[1], 1)
+        forged = with_payload(doc.data, cabundle=cabundle)
+    with pytest.raises(CertificateChainError, match=rf"{re.escape(slot)}: expected a DER X.509 certificate"):
+        verify_attestation(forged, now=doc.time, policy=ANY)
 
 
 # -- step 5: signature -------------------------------------------------------------------

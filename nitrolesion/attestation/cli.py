@@ -139,7 +139,7 @@ def _load_roots(path: Path) -> list[x509.Certificate]:
         certs = x509.load_pem_x509_certificates(path.read_bytes())
     except OSError as exc:
         raise UsageError(f"--root {path}: expected a readable file, got {exc.strerror}") from exc
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise UsageError(f"--root {path}: expected PEM certificates, got unparsable data") from exc
     return certs
 

@@ -317,10 +317,12 @@ def _parse_payload(payload: bytes) -> dict[str, Any]:
 
 # -- step 4 --------------------------------------------------------------------------------
 
-# What cryptography raises on hostile certificates: parse errors (ValueError), duplicate or
-# malformed extensions, unsupported key/signature types.
+# What cryptography raises on hostile certificates: parse errors (ValueError), a version
+# other than v1 or v3 (InvalidVersion, not a ValueError), duplicate or malformed
+# extensions, unsupported key/signature types.
 _CERT_ERRORS = (
     ValueError,
+    x509.InvalidVersion,
     TypeError,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
@@ -400,7 +402,7 @@ def _verify_chain(
 def _load_der(der: bytes, name: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CertificateChainError(f"{name}: expected a DER X.509 certificate, got unparsable bytes ({exc})") from exc
 
 
