@@ -16,7 +16,8 @@ from nitrolesion.attestation.verifier import verify_attestation
 DOCS = real_documents()
 needs_docs = pytest.mark.skipif(not DOCS, reason=SKIP_REASON)
 POLICY = AttestationPolicy(allow_debug=True)
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None,
+                print_blob=True)
 
 
 def _verify_or_own_error(data: bytes, now) -> None:

@@ -227,7 +227,7 @@ def mutated_streams(draw):
 # The fuzz invariant (fuzz/fuzz_frames.py) as a property test: any byte string, split
 # anywhere, either parses into frames or raises ProtocolError, never anything else. Crashes
 # found by the fuzzer become explicit regression tests above.
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, print_blob=True)
 @given(
     data=st.one_of(st.binary(max_size=300), mutated_streams()),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
@@ -251,7 +251,7 @@ def test_any_bytes_parse_or_raise_protocol_error(data, cuts, max_body):
     assert decoder.buffered == len(data) - len(consumed)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, print_blob=True)
 @given(frames=frames_strategy, chunk=st.integers(min_value=1, max_value=64))
 def test_round_trip_any_chunking(frames, chunk):
     data = b"".join(encode_frame(f.type, f.body) for f in frames)

@@ -26,7 +26,7 @@ from nitrolesion.wire.messages import (
 ROOT = Path(__file__).resolve().parents[1]
 REGRESSIONS = ROOT / "fuzz" / "regressions" / "messages"
 FUZZ = settings(max_examples=400, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+                suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 TYPES = st.sampled_from(list(MessageType))
 
 
