@@ -63,6 +63,12 @@ FINDINGS = [
     "`HANDSHAKE_TIMEOUT` (5 s, `--handshake-timeout`) for the first frame; answers are sent "
     "with `SEND_TIMEOUT` (5 s) instead of the 0.5 s accept timeout they inherited; timeouts "
     "are recognised by type (`TransportTimeout`) instead of by message text.",
+    "**A corrupt multi-page TIFF escaped as an internal error.** Pillow's `n_frames` walks "
+    "to the next page and raises `TypeError` (\"Missing dimensions\") when that page has no "
+    "size, which `decode_image` did not catch: the enclave answered INTERNAL instead of "
+    "BAD_IMAGE (found by fuzzing `preprocess_image` with mutated images). Fixed: TypeError, "
+    "IndexError and struct.error from Pillow are ImageErrors too (case "
+    "`tiff_page_without_dimensions`).",
     "**A parent that acks and closes at once made the enclave re-announce in a tight "
     "loop.** Fixed: links that lived under `STABLE_LINK_SECONDS` (10 s) keep backing off.",
 ]

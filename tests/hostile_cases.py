@@ -175,6 +175,23 @@ def png_bomb(width: int = 50000, height: int = 50000) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 4096, 9)) + _png_chunk(b"IEND", b""))
 
 
+def grey_pixel_tiff(*, second_page_without_dimensions: bool) -> bytes:
+    """A little-endian TIFF: page 1 is one grey pixel; optionally a page 2 with no width or
+    length tags, which page 1's next-page pointer leads to."""
+    def ifd(entries, next_offset):
+        body = struct.pack("<H", len(entries))
+        body += b"".join(struct.pack("<HHII", tag, 3, 1, value) for tag, value in entries)  # SHORT
+        return body + struct.pack("<I", next_offset)
+
+    first_at = 8
+    second_at = first_at + 2 + 9 * 12 + 4
+    pixel_at = second_at + 2 + 1 * 12 + 4
+    first = ifd([(256, 1), (257, 1), (258, 8), (259, 1), (262, 1), (273, pixel_at),
+                 (277, 1), (278, 1), (279, 1)], second_at if second_page_without_dimensions else 0)
+    second = ifd([(259, 1)], 0)
+    return b"II*\x00" + struct.pack("<I", first_at) + first + second + b"\x80"
+
+
 def animated_gif() -> bytes:
     frames = [lesion_image((200, 150), seed).convert("P") for seed in range(3)]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
@@ -979,6 +996,10 @@ IMAGE_CASES = [
                 f"{MAX_IMAGE_BYTES + 1} bytes, limit {MAX_IMAGE_BYTES}",
                 image_case(over_byte_limit), _BAD_IMAGE,
                 rf"image is {MAX_IMAGE_BYTES + 1} bytes, limit is {MAX_IMAGE_BYTES}"),
+    HostileCase("tiff_page_without_dimensions", "images", "enclave",
+                "2-page TIFF whose page 2 has no width or length",
+                image_case(lambda: grey_pixel_tiff(second_page_without_dimensions=True)), _BAD_IMAGE,
+                r"truncated or corrupt \(TypeError\)"),
     HostileCase("animated_gif", "images", "enclave", "3-frame animated GIF (first frame used)",
                 image_case(animated_gif), _codes("OK")),
     HostileCase("one_pixel", "images", "enclave", "1 x 1 PNG",

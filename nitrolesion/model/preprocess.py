@@ -13,6 +13,7 @@ MobileNetV2 expects.
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,8 +102,12 @@ def decode_image(
         raise
     except UnidentifiedImageError as exc:
         raise ImageError("not an image in an accepted format (JPEG, PNG, TIFF, BMP, WebP, GIF)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        # Truncated or corrupt data surfaces as OSError/SyntaxError/ValueError in Pillow.
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
+            TypeError, IndexError, struct.error) as exc:
+        # Truncated or corrupt data surfaces as OSError/SyntaxError/ValueError in Pillow, and
+        # past Image.open (which itself catches the last three) as TypeError/IndexError/
+        # struct.error too: a TIFF whose next-page pointer leads to a page without
+        # dimensions raises TypeError from n_frames.
         raise ImageError(f"image data is truncated or corrupt ({type(exc).__name__})") from exc
 
 
