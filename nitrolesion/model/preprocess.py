@@ -38,7 +38,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 #: Input side of the shipped model; the model file is authoritative (see classifier).
-DEFAULT_INPUT_SIZE = 160
+DEFAULT_INPUT_SIZE = 192
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
