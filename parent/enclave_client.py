@@ -22,7 +22,7 @@ from cryptography import x509
 from nitrolesion.attestation.dev_authority import ROOT_CERT_FILE, dev_pcrs, measure_files
 from nitrolesion.attestation.errors import PublicKeyMismatch
 from nitrolesion.attestation.policy import AttestationPolicy
-from nitrolesion.attestation.trust import aws_nitro_root
+from nitrolesion.attestation.trust import aws_nitro_root, load_pem_roots
 from nitrolesion.attestation.verifier import AttestationResult, check_public_key, verify_attestation
 from nitrolesion.crypto.envelope import (
     load_public_key, new_request_id, public_key_der, seal, sealed_request_aad)
@@ -48,17 +48,6 @@ DEFAULT_WINDOW = 4
 BUSY_RETRIES = 8
 
 
-def load_roots(path: Path) -> list[x509.Certificate]:
-    """Certificates from a PEM file (e.g. the development authority's dev_root.pem).
-
-    Raises OSError if the file cannot be read, ValueError if it holds no valid certificates.
-    """
-    try:
-        return x509.load_pem_x509_certificates(Path(path).read_bytes())
-    except x509.InvalidVersion as exc:  # not a ValueError in cryptography
-        raise ValueError(f"{path}: certificate with an invalid X.509 version") from exc
-
-
 @dataclass
 class Trust:
     """What the parent trusts: a PCR policy and roots (AWS pinned, plus any given explicitly)."""
@@ -74,7 +63,7 @@ class Trust:
         development root (the demo, tests and benchmarks; never the default)."""
         pcrs = dev_pcrs(measure_files(image_files(project_root), project_root))
         return cls(AttestationPolicy.for_dev_pcrs(pcrs),
-                   load_roots(Path(dev_state_dir) / ROOT_CERT_FILE))
+                   load_pem_roots(Path(dev_state_dir) / ROOT_CERT_FILE))
 
     def verify(self, message: Attestation, nonce: bytes, expected_key: bytes | None = None) -> AttestationResult:
         """Verify an ATTESTATION answer; raises an AttestationError subclass on any failure.

@@ -73,7 +73,8 @@ def key_dir_of(args) -> Path:
 
 
 def trust_of(args):
-    from parent.enclave_client import Trust, load_roots
+    from nitrolesion.attestation.trust import load_pem_roots
+    from parent.enclave_client import Trust
 
     if args.policy:
         try:
@@ -87,7 +88,7 @@ def trust_of(args):
     roots = []
     for path in args.dev_root:
         try:
-            roots.extend(load_roots(path))
+            roots.extend(load_pem_roots(path))
         except (OSError, ValueError) as exc:
             raise UsageError(f"--dev-root {path}: not a readable PEM certificate file") from exc
     return Trust(policy, roots)

@@ -21,7 +21,7 @@ from attestation_cases import (
 from nitrolesion.attestation.cli import main
 from nitrolesion.attestation.dev_authority import DevAttestationAuthority
 from nitrolesion.attestation.policy import AttestationPolicy
-from parent.enclave_client import load_roots
+from nitrolesion.attestation.trust import load_pem_roots
 
 needs_docs = pytest.mark.skipif(not real_documents(), reason=SKIP_REASON)
 PROD = "anjuna_prod_rsa_pubkey_2021.bin"
@@ -198,12 +198,12 @@ def pem_armor(der: bytes) -> str:
 
 
 def test_parent_dev_root_with_invalid_x509_version_is_a_value_error(tmp_path):
-    # parent.py turns OSError and ValueError from load_roots into a usage error (exit 2).
+    # parent.py turns OSError and ValueError from load_pem_roots into a usage error (exit 2).
     good = tmp_path / "good.pem"
     good.write_text(pem_armor(lookalike_root().public_bytes(Encoding.DER)))
-    assert len(load_roots(good)) == 1
+    assert len(load_pem_roots(good)) == 1
     with pytest.raises(ValueError, match="invalid X.509 version"):
-        load_roots(bad_version_pem(tmp_path / "v2.pem"))
+        load_pem_roots(bad_version_pem(tmp_path / "v2.pem"))
 
 
 def test_help_exits_0(capsys):

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from nitrolesion.attestation.errors import AttestationError, InvalidPolicy
 from nitrolesion.attestation.policy import AttestationPolicy
-from nitrolesion.attestation.trust import aws_nitro_root, certificate_sha256
+from nitrolesion.attestation.trust import aws_nitro_root, certificate_sha256, load_pem_roots
 from nitrolesion.attestation.verifier import AttestationResult, verify_attestation
 
 EXIT_VALID = 0
@@ -136,12 +136,11 @@ def _load_policy(args: argparse.Namespace) -> AttestationPolicy:
 
 def _load_roots(path: Path) -> list[x509.Certificate]:
     try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
+        return load_pem_roots(path)
     except OSError as exc:
         raise UsageError(f"--root {path}: expected a readable file, got {exc.strerror}") from exc
-    except (ValueError, x509.InvalidVersion) as exc:
+    except ValueError as exc:
         raise UsageError(f"--root {path}: expected PEM certificates, got unparsable data") from exc
-    return certs
 
 
 def _parse_nonce(text: str | None) -> bytes | None:

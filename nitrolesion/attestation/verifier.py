@@ -67,7 +67,7 @@ from nitrolesion.attestation.errors import (
     UntrustedRoot,
 )
 from nitrolesion.attestation.policy import MAX_CLOCK_SKEW, MAX_PCR_INDEX, PCR_LENGTH, AttestationPolicy
-from nitrolesion.attestation.trust import AWS_NITRO_ROOT_G1_SHA256, aws_nitro_root
+from nitrolesion.attestation.trust import AWS_NITRO_ROOT_G1_SHA256, CERTIFICATE_PARSE_ERRORS, aws_nitro_root
 
 HEADER_CRIT = 2  # RFC 8152 s3.1
 # Field limits from the AWS "Attestation document specification"; user_data and nonce are
@@ -317,12 +317,10 @@ def _parse_payload(payload: bytes) -> dict[str, Any]:
 
 # -- step 4 --------------------------------------------------------------------------------
 
-# What cryptography raises on hostile certificates: parse errors (ValueError), a version
-# other than v1 or v3 (InvalidVersion, not a ValueError), duplicate or malformed
+# What cryptography raises on hostile certificates: parse errors, duplicate or malformed
 # extensions, unsupported key/signature types.
 _CERT_ERRORS = (
-    ValueError,
-    x509.InvalidVersion,
+    *CERTIFICATE_PARSE_ERRORS,
     TypeError,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
@@ -402,7 +400,7 @@ def _verify_chain(
 def _load_der(der: bytes, name: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except (ValueError, x509.InvalidVersion) as exc:
+    except CERTIFICATE_PARSE_ERRORS as exc:
         raise CertificateChainError(f"{name}: expected a DER X.509 certificate, got unparsable bytes ({exc})") from exc
 
 
