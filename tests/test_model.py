@@ -148,11 +148,14 @@ def test_evaluate_cli_prints_summary_and_writes_predictions(tmp_path, ham_dir):
                           "--limit", "60", "--predictions", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout)
+    summary = json.loads(run.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     for key in ("accuracy", "balanced_accuracy", "macro_roc_auc", "top3_accuracy",
                 "per_class", "confusion_matrix"):
         assert key in summary
     assert summary["n_images"] == 60
+    intervals = summary["confidence_intervals"]
+    assert intervals["resamples"] == 2000 and intervals["level"] == 0.95
+    assert intervals["accuracy"][0] <= summary["accuracy"] <= intervals["accuracy"][1]
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 60

@@ -2,9 +2,12 @@
 
 Kept dependency-free (no scikit-learn) because evaluate.py runs in the inference
 environment. ROC-AUC uses the rank-sum (Mann-Whitney U) form with ties averaged.
+``lesion_bootstrap`` gives confidence intervals for any of these figures.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -19,15 +22,11 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 def _rank_average(values: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given their average rank."""
     order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
     sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
-        start = end + 1
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]  # exclusive
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
     return ranks
 
 
@@ -60,7 +59,7 @@ def summarize(y_true, probabilities, codes: list[str]) -> dict:
         "n_images": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()),
         "balanced_accuracy": float(np.mean([recall[c] for c in present])),
-        "macro_roc_auc": float(np.nanmean(aucs)),
+        "macro_roc_auc": float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan"),
         "top3_accuracy": float((top3 == y_true[:, None]).any(axis=1).mean()),
         "per_class": {
             code: {
@@ -73,3 +72,62 @@ def summarize(y_true, probabilities, codes: list[str]) -> dict:
         },
         "confusion_matrix": {"labels": list(codes), "rows_true_cols_predicted": matrix.tolist()},
     }
+
+
+def headline_figures(y_true, probabilities, codes: Sequence[str]) -> dict[str, float]:
+    """The figures the targets and the model card quote, flat: accuracy, balanced accuracy,
+    macro ROC-AUC, top-3 accuracy and ``recall_<code>`` per class. Figures that are not
+    defined on these images (the recall of an absent class; ROC-AUC with one class) are
+    left out rather than reported as 0 or NaN."""
+    summary = summarize(y_true, probabilities, list(codes))
+    figures = {key: summary[key] for key in
+               ("accuracy", "balanced_accuracy", "macro_roc_auc", "top3_accuracy")}
+    if np.isnan(figures["macro_roc_auc"]):
+        del figures["macro_roc_auc"]
+    for code, row in summary["per_class"].items():
+        if row["support"]:
+            figures[f"recall_{code}"] = row["recall"]
+    return figures
+
+
+def lesion_bootstrap(
+    statistic: Callable[[np.ndarray], dict[str, float]],
+    y_true,
+    groups: Sequence[str],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals for every figure ``statistic`` returns.
+
+    ``statistic(indices)`` computes its figures on the images at ``indices`` (an index array
+    with repeats). Images of one lesion are not independent, so each resample draws whole
+    groups (lesions), with replacement, separately within each diagnosis: every resample
+    keeps each class's number of lesions, so a class with 14 images never vanishes from a
+    resample and per-class recall stays defined. A group's diagnosis is that of its first
+    image (a HAM10000 lesion has one). Returns ``{name: (low, high)}``.
+    """
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be between 0 and 1")
+    y_true = np.asarray(y_true)
+    if len(groups) != len(y_true):
+        raise ValueError(f"{len(groups)} group ids for {len(y_true)} images")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    strata: dict[int, list[np.ndarray]] = {}
+    for indices in members.values():
+        strata.setdefault(int(y_true[indices[0]]), []).append(np.array(indices))
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        chosen = [stratum[k] for stratum in strata.values()
+                  for k in rng.integers(0, len(stratum), size=len(stratum))]
+        for name, value in statistic(np.concatenate(chosen)).items():
+            draws.setdefault(name, []).append(value)
+    tail = (1.0 - level) / 2.0 * 100.0
+    return {name: (float(np.nanpercentile(values, tail)),
+                   float(np.nanpercentile(values, 100.0 - tail)))
+            for name, values in draws.items()}
