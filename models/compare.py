@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             for name in base if name in intervals
         },
     }
+    collapsed = [name for name, (low, high) in intervals.items() if low == high]
+    if collapsed:
+        summary["confidence_intervals"]["zero_width"] = {
+            "figures": collapsed,
+            "meaning": "the two models were right and wrong on exactly the same images of "
+                       "that class, so every resample gives the same difference; it says "
+                       "they agree on this split, not that they are equal",
+        }
     print(json.dumps(summary, indent=2))
     return 0
 

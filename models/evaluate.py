@@ -187,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             "lesions": len(set(lesions)),
             **{name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()},
         }
+        collapsed = [name for name, (low, high) in intervals.items() if low == high]
+        if collapsed:
+            summary["confidence_intervals"]["zero_width"] = {
+                "figures": collapsed,
+                "meaning": "every image of the class was right (or every one wrong), so no "
+                           "resample can differ; the bootstrap cannot see past the sample "
+                           "here, and the true figure is less certain than a point",
+            }
     summary = {
         "model": str(args.model),
         "model_sha256": hashlib.sha256(model.model_bytes).hexdigest(),

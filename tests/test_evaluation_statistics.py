@@ -180,6 +180,7 @@ def test_compare_identical_models_differ_by_nothing(compare_case):
     assert summary["same_prediction"] == 1.0
     for figure in summary["figures"].values():
         assert figure["difference"] == 0 and figure["difference_ci"] == [0, 0]
+    assert summary["confidence_intervals"]["zero_width"]["figures"] == list(summary["figures"])
 
 
 def test_compare_finds_a_real_improvement(compare_case):
@@ -193,6 +194,9 @@ def test_compare_finds_a_real_improvement(compare_case):
     assert accuracy["candidate"] == 1.0
     assert accuracy["difference"] == pytest.approx(1.0 - accuracy["baseline"], abs=1e-4)
     assert 0 < accuracy["difference_ci"][0] <= accuracy["difference"] <= accuracy["difference_ci"][1]
+    # with 3 classes top-3 is always right for both: only that difference is a point
+    assert strict_json(run.stdout)["confidence_intervals"]["zero_width"]["figures"] == [
+        "top3_accuracy"]
 
 
 def test_compare_refuses_files_about_different_images(compare_case):

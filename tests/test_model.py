@@ -167,6 +167,31 @@ def test_evaluate_cli_prints_summary_and_writes_predictions(tmp_path, ham_dir):
     assert sum(map(sum, matrix)) == 60
 
 
+def test_evaluate_cli_flags_intervals_that_collapse(tmp_path, ham_dir, classifier):
+    """Images the model gets all right give [1, 1]: the summary must say that is not certainty."""
+    truth = {r.image_id: r for r in read_metadata(ham_dir / "HAM10000_metadata.csv")}
+    right = []
+    for image_id in load_split("test"):
+        data = image_path(ham_dir / "images", image_id).read_bytes()
+        if truth[image_id].dx == "nv" and classifier.classify(data).code == "nv":
+            right.append(truth[image_id])
+        if len(right) == 3:
+            break
+    metadata = tmp_path / "meta.csv"
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lesion_id", "image_id", "dx"])
+        writer.writerows([r.lesion_id, r.image_id, r.dx] for r in right)
+    run = subprocess.run([sys.executable, str(ROOT / "models" / "evaluate.py"),
+                          str(ham_dir / "images"), str(metadata), "--bootstrap", "50"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    intervals = json.loads(run.stdout)["confidence_intervals"]
+    assert intervals["accuracy"] == [1.0, 1.0]
+    assert set(intervals["zero_width"]["figures"]) >= {"accuracy", "recall_nv"}
+    assert "less certain than a point" in intervals["zero_width"]["meaning"]
+
+
 def test_evaluate_cli_names_missing_data(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "models" / "evaluate.py"),
                           str(tmp_path / "nope"), str(tmp_path / "nope.csv")],
