@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Compare two predictions CSVs written by models/evaluate.py --predictions "
                     "on the same images; prints each figure, the difference (candidate minus "
-                    "baseline) and its paired 95%% bootstrap confidence interval as JSON.")
-    parser.add_argument("baseline", type=Path, help="predictions CSV of the model to compare against")
+                    "baseline) and its paired 95% bootstrap confidence interval as JSON.")
+    parser.add_argument("baseline", type=Path,
+                        help="predictions CSV of the model to compare against")
     parser.add_argument("candidate", type=Path, help="predictions CSV of the model under test")
     parser.add_argument("--metadata", type=Path,
                         help="HAM10000-style metadata CSV with the true diagnoses and lesion ids "

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from nitrolesion.model.dataset import read_metadata
 from nitrolesion.model.metrics import headline_figures, lesion_bootstrap, roc_auc
 from nitrolesion.model.predictions import Predictions, read_predictions, write_predictions
 
@@ -139,12 +142,37 @@ def test_predictions_round_trip(tmp_path):
     ("image_id,predicted,p_a,p_b\nI1,a,0.5,nan\n", ":2: probabilities must lie"),
     ("image_id,predicted,p_a,p_b\nI1,a,0.5,0.5\nI1,a,0.5,0.5\n", ":3: image I1 listed twice"),
     ("image_id,predicted,p_a,p_b\n", "no predictions"),
+    ("image_id,predicted,p_a,p_b\nI1,a,0.5,\"" + "x" * 200_000 + "\n", "not CSV .field larger"),
 ])
 def test_malformed_predictions_are_named(tmp_path, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         read_predictions(path)
+
+
+@settings(max_examples=300, deadline=None, database=None, print_blob=True)
+@given(st.binary(max_size=400))
+def test_any_bytes_read_as_predictions_or_a_value_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "p.csv"
+    path.write_bytes(b"image_id,predicted,p_a,p_b\n" + data)
+    try:
+        predictions = read_predictions(path)
+    except ValueError:
+        return
+    assert predictions.probabilities.shape == (len(predictions.image_ids), 2)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lesion_id,image_id\nL1,I1\n", "missing column"),
+    ("lesion_id,image_id,dx\nL1,I1\n", ":2: too few fields"),
+    ("lesion_id,image_id,dx\nL1,I1,\"" + "x" * 200_000 + "\n", "not CSV .field larger"),
+])
+def test_malformed_metadata_is_named(tmp_path, text, message):
+    path = tmp_path / "meta.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_metadata(path)
 
 
 def write_case(tmp_path, y, groups, probs, name):
@@ -193,7 +221,8 @@ def test_compare_finds_a_real_improvement(compare_case):
     accuracy = strict_json(run.stdout)["figures"]["accuracy"]
     assert accuracy["candidate"] == 1.0
     assert accuracy["difference"] == pytest.approx(1.0 - accuracy["baseline"], abs=1e-4)
-    assert 0 < accuracy["difference_ci"][0] <= accuracy["difference"] <= accuracy["difference_ci"][1]
+    low, high = accuracy["difference_ci"]
+    assert 0 < low <= accuracy["difference"] <= high
     # with 3 classes top-3 is always right for both: only that difference is a point
     assert strict_json(run.stdout)["confidence_intervals"]["zero_width"]["figures"] == [
         "top3_accuracy"]

@@ -43,10 +43,18 @@ def read_metadata(csv_path: Path) -> list[Record]:
     """Read a HAM10000-style metadata CSV (columns lesion_id, image_id, dx at least)."""
     with open(csv_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        return [Record(row["image_id"], row["lesion_id"], row["dx"]) for row in reader]
+        try:
+            missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+            records = []
+            for row in reader:
+                if None in (row["image_id"], row["lesion_id"], row["dx"]):
+                    raise ValueError(f"{csv_path}:{reader.line_num}: too few fields")
+                records.append(Record(row["image_id"], row["lesion_id"], row["dx"]))
+            return records
+        except csv.Error as exc:  # e.g. a field over csv's size limit: not a ValueError
+            raise ValueError(f"{csv_path}: not CSV ({exc})") from None
 
 
 def image_path(images_dir: Path, image_id: str) -> Path:

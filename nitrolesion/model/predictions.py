@@ -41,27 +41,34 @@ def read_predictions(path: Path) -> Predictions:
     """Read a predictions CSV; ``ValueError`` names the file and line of anything malformed."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if (not header or header[:2] != ["image_id", "predicted"] or len(header) < 4
-                or not all(name.startswith("p_") for name in header[2:])):
-            raise ValueError(f"{path}: not a predictions file (expected the header "
-                             f"image_id,predicted,p_<code>,...; got {header})")
-        codes = [name[2:] for name in header[2:]]
-        image_ids, rows, seen = [], [], set()
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{line}: {len(row)} fields, expected {len(header)}")
-            if row[0] in seen:
-                raise ValueError(f"{path}:{line}: image {row[0]} listed twice")
-            try:
-                values = [float(v) for v in row[2:]]
-            except ValueError:
-                raise ValueError(f"{path}:{line}: a probability is not a number") from None
-            if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
-                raise ValueError(f"{path}:{line}: probabilities must lie in [0, 1]")
-            seen.add(row[0])
-            image_ids.append(row[0])
-            rows.append(values)
+        try:
+            return _parse(path, reader)
+        except csv.Error as exc:  # e.g. a field over csv's size limit: not a ValueError
+            raise ValueError(f"{path}: not CSV ({exc})") from None
+
+
+def _parse(path: Path, reader) -> Predictions:
+    header = next(reader, None)
+    if (not header or header[:2] != ["image_id", "predicted"] or len(header) < 4
+            or not all(name.startswith("p_") for name in header[2:])):
+        raise ValueError(f"{path}: not a predictions file (expected the header "
+                         f"image_id,predicted,p_<code>,...; got {header})")
+    codes = [name[2:] for name in header[2:]]
+    image_ids, rows, seen = [], [], set()
+    for line, row in enumerate(reader, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{line}: {len(row)} fields, expected {len(header)}")
+        if row[0] in seen:
+            raise ValueError(f"{path}:{line}: image {row[0]} listed twice")
+        try:
+            values = [float(v) for v in row[2:]]
+        except ValueError:
+            raise ValueError(f"{path}:{line}: a probability is not a number") from None
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"{path}:{line}: probabilities must lie in [0, 1]")
+        seen.add(row[0])
+        image_ids.append(row[0])
+        rows.append(values)
     if not rows:
         raise ValueError(f"{path}: no predictions")
     return Predictions(image_ids, codes, np.array(rows, dtype=np.float64))
