@@ -106,6 +106,10 @@ def test_json_file_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InvalidPolicy, match="expected JSON"):
         AttestationPolicy.from_json_file(bad)
+    # Nesting past Python's recursion limit raises RecursionError, not a JSON error.
+    bad.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidPolicy, match="expected JSON"):
+        AttestationPolicy.from_json_file(bad)
 
 
 def test_for_dev_pcrs_pins_pcr0_to_2_and_nonzero_pcr8():

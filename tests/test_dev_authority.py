@@ -19,6 +19,7 @@ from nitrolesion.attestation.dev_authority import (
     LEAF_LIFETIME,
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
+    STATE_FILE,
     DevAttestationAuthority,
     file_mode,
     measure_files,
@@ -163,6 +164,12 @@ def test_load_detects_a_key_that_does_not_match(tmp_path, app, authority):
     (tmp_path / "state" / ROOT_KEY_FILE).write_bytes((tmp_path / "other" / ROOT_KEY_FILE).read_bytes())
     assert other.module_id != authority.module_id
     with pytest.raises(DevAuthorityError, match="root: expected the key to match"):
+        DevAttestationAuthority.load(tmp_path / "state", [app / "models"])
+
+
+def test_load_refuses_a_state_file_nested_too_deep(tmp_path, app, authority):
+    (tmp_path / "state" / STATE_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DevAuthorityError, match="expected a development authority"):
         DevAttestationAuthority.load(tmp_path / "state", [app / "models"])
 
 

@@ -94,6 +94,9 @@ def test_labels_file_that_disagrees_is_refused(tmp_path):
                                for i, c in enumerate(reversed(CODES))]))
     with pytest.raises(ModelError, match="expected codes"):
         load_labels(bad)
+    bad.write_text("[" * 100_000 + "]" * 100_000)  # RecursionError inside json
+    with pytest.raises(ModelError, match="cannot read labels file"):
+        load_labels(bad)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

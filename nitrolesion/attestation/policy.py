@@ -136,7 +136,7 @@ class AttestationPolicy:
             raise InvalidPolicy(f"policy file {path}: expected a readable UTF-8 file, got {exc}") from exc
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # nesting too deep: not a ValueError
             raise InvalidPolicy(f"policy file {path}: expected JSON, got {exc}") from exc
         return cls.from_dict(data)
 

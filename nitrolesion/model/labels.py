@@ -29,7 +29,7 @@ def load_labels(path: Path = DEFAULT_LABELS_PATH) -> list[Label]:
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
         labels = [Label(int(e["index"]), str(e["code"]), str(e["name"])) for e in entries]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ModelError(f"cannot read labels file {path}: {exc}") from exc
     got = tuple(label.code for label in labels)
     if got != CODES or [label.index for label in labels] != list(range(len(CODES))):
