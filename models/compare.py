@@ -9,7 +9,7 @@ top-3, per-class recall) for the baseline and the candidate, their difference (c
 minus baseline) and a 95 % confidence interval for that difference. The interval is
 *paired*: each bootstrap resample draws the same lesions for both models, so the noise the
 two share (which images happen to be in the split) cancels, and an interval that excludes
-0 means the split cannot explain the difference by chance alone.
+0 means the luck of the split is an unlikely explanation for the difference (at 95 %).
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if collapsed:
         summary["confidence_intervals"]["zero_width"] = {
             "figures": collapsed,
-            "meaning": "the two models were right and wrong on exactly the same images of "
-                       "that class, so every resample gives the same difference; it says "
-                       "they agree on this split, not that they are equal",
+            "meaning": "the two models were right and wrong on the same images for that "
+                       "figure, so every resample gives the same difference; it says they "
+                       "agree on this split, not that they are equal",
         }
     print(json.dumps(summary, indent=2))
     return 0

@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         if collapsed:
             summary["confidence_intervals"]["zero_width"] = {
                 "figures": collapsed,
-                "meaning": "every image of the class was right (or every one wrong), so no "
-                           "resample can differ; the bootstrap cannot see past the sample "
-                           "here, and the true figure is less certain than a point",
+                "meaning": "every image the figure counts was right (or every one wrong), "
+                           "so no resample can differ; the bootstrap cannot see past the "
+                           "sample here, and the true figure is less certain than a point",
             }
     summary = {
         "model": str(args.model),
