@@ -14,17 +14,17 @@ from nitrolesion.crypto.envelope import fingerprint
 from nitrolesion.model.labels import CODES
 from nitrolesion.transport import Endpoint
 from parent.enclave_client import EnclaveClient, ImageOutcome
-from parent.images import expand_images
+from parent.images import ImageFileError, expand_images, read_image_file
 
 CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
 
 
-def read_or_error(path: Path) -> bytes | Exception:
-    """The file's bytes, or the OSError to report for that row (the batch goes on)."""
+def read_or_error(path: Path) -> bytes | ImageFileError:
+    """The file's bytes, or the error to report for that row (the batch goes on)."""
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        return OSError(f"cannot read file: {exc.strerror}")
+        return read_image_file(path)
+    except ImageFileError as exc:
+        return exc
 
 
 def row_of(path: Path, outcome: ImageOutcome) -> dict:

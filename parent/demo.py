@@ -24,7 +24,7 @@ from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.enclave_image import PROJECT_ROOT
 from nitrolesion.transport import Endpoint, free_tcp_port
 from parent.enclave_client import EnclaveClient, Trust
-from parent.images import NO_IMAGE_HELP, default_image
+from parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
 from parent.server import ParentServer, ServerEvent
 
 #: Seconds to wait for the enclave to boot and announce its key (key generation and
@@ -89,9 +89,9 @@ def run_demo(args) -> int:
         print(f"demo: {NO_IMAGE_HELP}", file=sys.stderr)
         return 2
     try:
-        image = Path(image_path).read_bytes()
-    except OSError as exc:
-        print(f"demo: cannot read image {image_path}: {exc.strerror}", file=sys.stderr)
+        image = read_image_file(Path(image_path))
+    except ImageFileError as exc:
+        print(f"demo: image {image_path}: {exc}", file=sys.stderr)
         return 2
 
     state = Path(tempfile.mkdtemp(prefix="nitrolesion-demo-"))

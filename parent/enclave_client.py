@@ -171,7 +171,8 @@ class EnclaveClient:
         """Classify images over the session, keeping up to ``window`` requests in flight.
 
         ``images`` may contain exceptions (e.g. an unreadable file): they come back as
-        errors for that index without being sent. Outcomes are yielded as they arrive.
+        errors for that index without being sent, with the exception's ``code`` attribute
+        (default ``UNREADABLE``). Outcomes are yielded as they arrive.
         """
         connection, cipher = self.connection, self.cipher
         pending: dict[int, tuple[int, bytes, int]] = {}  # counter -> (index, image, attempt)
@@ -194,7 +195,8 @@ class EnclaveClient:
                     exhausted = True
                     break
                 if isinstance(image, Exception):
-                    ready.append(ImageOutcome(index, error=("UNREADABLE", str(image))))
+                    code = getattr(image, "code", "UNREADABLE")
+                    ready.append(ImageOutcome(index, error=(code, str(image))))
                 else:
                     send(index, image, 0)
             while ready:

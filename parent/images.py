@@ -1,10 +1,14 @@
-"""Finding images to send: explicit paths, folders, or a default for the demo."""
+"""Finding images to send (explicit paths, folders, or a default for the demo) and reading
+them safely."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from nitrolesion.model.dataset import PROJECT_ROOT, default_data_dir
+from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 SAMPLE_IMAGES_DIR = PROJECT_ROOT / "sample_images"
@@ -22,6 +26,39 @@ def expand_images(paths: list[Path]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+class ImageFileError(Exception):
+    """A local file that is not sent; ``code`` is the batch row's error code:
+    ``UNREADABLE`` (missing, not a regular file, no permission) or ``TOO_LARGE``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of the image file at ``path``, checked before anything is sent.
+
+    Only regular files: a FIFO would block the batch forever and ``/dev/zero`` would fill
+    memory. Nothing over ``max_bytes`` (the enclave's own limit, so it would refuse the
+    image anyway) is read whole: the read stops one byte past the limit, which also
+    catches a file that grows after it was measured.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageFileError("UNREADABLE", "cannot read file: not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; the enclave "
+                                              f"accepts images up to {max_bytes} bytes")
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageFileError("UNREADABLE", f"cannot read file: {exc.strerror}") from exc
+    if len(data) > max_bytes:
+        raise ImageFileError("TOO_LARGE", f"file grew past {max_bytes} bytes while being read")
+    return data
 
 
 def default_image() -> Path | None:

@@ -153,10 +153,12 @@ def cmd_client(args) -> int:
 
 
 def read_image(path: Path) -> bytes:
+    from parent.images import ImageFileError, read_image_file
+
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read image {path}: {exc.strerror}") from exc
+        return read_image_file(Path(path))
+    except ImageFileError as exc:
+        raise UsageError(f"image {path}: {exc}") from exc
 
 
 # -- classify ---------------------------------------------------------------------------

@@ -310,10 +310,12 @@ def policy_file(trust, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory, corpus):
-    """A folder of real images (symlinks: the dataset is never copied) and one text file named
-    .jpg, plus two paths given on their own that cannot be read: a dangling symlink and a
-    symlink loop. (Tests run as root, so a mode-000 file would still be readable; a folder
-    named x.jpg is a folder to expand, not a row.)"""
+    """A folder of real images (symlinks: the dataset is never copied), one text file named
+    .jpg, a FIFO named .jpg (reading it would block the batch forever) and a sparse 25 MiB
+    file (over the enclave's 20 MiB limit and the 24 MiB frame limit, which once aborted the
+    whole batch), plus two paths given on their own that cannot be read: a dangling symlink
+    and a symlink loop. (Tests run as root, so a mode-000 file would still be readable; a
+    folder named x.jpg is a folder to expand, not a row.)"""
     folder = tmp_path_factory.mktemp("batch") / "images"
     folder.mkdir()
     expected = {}
@@ -321,12 +323,16 @@ def batch(tmp_path_factory, corpus):
         (folder / path.name).symlink_to(path)
         expected[str(folder / path.name)] = prediction
     (folder / "notes.jpg").write_text("not a JPEG, just text\n", encoding="utf-8")
+    os.mkfifo(folder / "pipe.jpg")
+    with open(folder / "huge.jpg", "wb") as handle:
+        handle.truncate(25 * 1024 * 1024)
     dangling = folder.parent / "gone.jpg"
     dangling.symlink_to(folder.parent / "does-not-exist.jpg")
     loop = folder.parent / "loop.jpg"
     loop.symlink_to(loop)
     failures = {str(folder / "notes.jpg"): "BAD_IMAGE", str(dangling): "UNREADABLE",
-                str(loop): "UNREADABLE"}
+                str(loop): "UNREADABLE", str(folder / "pipe.jpg"): "UNREADABLE",
+                str(folder / "huge.jpg"): "TOO_LARGE"}
     return [folder, dangling, loop], expected, failures
 
 
