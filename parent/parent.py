@@ -266,4 +266,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script, this file is __main__, but the commands import parent.parent (for
+    # UsageError), a second copy with classes of its own that __main__'s handlers would
+    # not catch. Run that copy, so there is one UsageError.
+    from parent.parent import main as package_main
+
+    sys.exit(package_main())

@@ -147,6 +147,23 @@ def test_client_without_server_state_says_what_to_do(tmp_path):
     assert run.returncode == 1 and "start `parent.py server 5006` first" in run.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--window", "0"], "--window must be at least 1"),
+    (["--out", "results.txt"], "--out must end in .csv or .json"),
+    (["--out", "{tmp}/no-such-dir/results.csv"], "no-such-dir does not exist"),
+])
+def test_classify_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
+    """These are raised in parent/classify.py, which imports parent.parent: run as a script,
+    parent.py once had a second UsageError class there, and each one ended in a traceback."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    run = subprocess.run([PYTHON, str(PARENT_CLI), "classify", str(ROOT / "models"), *args],
+                         env=tcp_env(tmp_path / "keys"), capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "parent.py classify: " in run.stderr and message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_once_exits_after_one_request(tmp_path, test_image_paths, model_present):
     stack = EnclaveStack(tmp_path, enclave_args=("--once",))
     try:
