@@ -55,25 +55,45 @@ def summary_of(rows: list[dict], seconds: float) -> dict:
             "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None}
 
 
+def check_output_path(path: Path) -> str | None:
+    """Why results could not be written to ``path``, or None; checked before any work, so
+    a typo in --out does not cost a whole batch."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f"--out {path}: folder {folder} does not exist"
+    if path.is_dir():
+        return f"--out {path} is a folder"
+    if not os.access(folder, os.W_OK):
+        return f"--out {path}: folder {folder} is not writable"
+    return None
+
+
 def write_results(path: Path, rows: list[dict], summary: dict) -> None:
-    """CSV (one row per image) or JSON (rows + summary), written atomically."""
+    """CSV (one row per image) or JSON (rows + summary), written atomically: on failure
+    neither a partial file nor the temporary one is left behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".json":
-        tmp.write_text(json.dumps({"results": rows, "summary": summary}, indent=2) + "\n",
-                       encoding="utf-8")
-    else:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                flat = {"file": row["file"]}
-                if "error" in row:
-                    flat["error"] = f"{row['error']['code']}: {row['error']['message']}"
-                else:
-                    flat.update(code=row["code"], label=row["label"], confidence=row["confidence"],
-                                **{f"p_{c}": row["probabilities"][c] for c in CODES})
-                writer.writerow(flat)
-    os.replace(tmp, path)
+    try:
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps({"results": rows, "summary": summary}, indent=2) + "\n",
+                           encoding="utf-8")
+        else:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+                writer.writeheader()
+                for row in rows:
+                    flat = {"file": row["file"]}
+                    if "error" in row:
+                        flat["error"] = f"{row['error']['code']}: {row['error']['message']}"
+                    else:
+                        flat.update(code=row["code"], label=row["label"],
+                                    confidence=row["confidence"],
+                                    **{f"p_{c}": row["probabilities"][c] for c in CODES})
+                    writer.writerow(flat)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
 
 
 def run_classify(args, trust) -> int:
@@ -86,6 +106,8 @@ def run_classify(args, trust) -> int:
         raise UsageError("--out must end in .csv or .json")
     if args.window < 1:
         raise UsageError("--window must be at least 1")
+    if args.out and (problem := check_output_path(args.out)):
+        raise UsageError(problem)
     endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
     rows: list[dict | None] = [None] * len(paths)
     started = time.perf_counter()
@@ -109,7 +131,15 @@ def run_classify(args, trust) -> int:
         progress.close()
     summary = summary_of(rows, time.perf_counter() - started)
     if args.out:
-        write_results(args.out, rows, summary)
+        try:
+            write_results(args.out, rows, summary)
+        except OSError as exc:
+            # The batch is done: rather than lose it, give every row on stdout.
+            print(f"could not write {args.out}: {exc.strerror or exc}; all {len(rows)} rows "
+                  "follow on stdout as JSON", file=sys.stderr)
+            print(json.dumps(rows, indent=2))
+            print(f"summary: {json.dumps(summary)}", file=sys.stderr)
+            return 1
         print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))

@@ -392,6 +392,31 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
     assert not out.with_name(f".{out.name}.tmp").exists()
 
 
+def test_classify_cli_checks_out_before_sending_anything(shared_stack, policy_file, batch,
+                                                        tmp_path):
+    run = run_classify(shared_stack, policy_file, batch[0], tmp_path / "no-such-dir" / "r.csv")
+    assert run.returncode == 2
+    assert "no-such-dir does not exist" in run.stderr
+    assert "Enclave attested" not in run.stderr  # refused before connecting
+    (tmp_path / "taken.csv").mkdir()
+    run = run_classify(shared_stack, policy_file, batch[0], tmp_path / "taken.csv")
+    assert run.returncode == 2 and "taken.csv is a folder" in run.stderr
+
+
+def test_classify_cli_gives_the_rows_on_stdout_when_out_cannot_be_written(
+        shared_stack, policy_file, batch, tmp_path):
+    good = sorted(Path(file) for file in batch[1])
+    out = tmp_path / "results.csv"
+    (tmp_path / ".results.csv.tmp").mkdir()  # the temporary file cannot be created
+    run = run_classify(shared_stack, policy_file, good, out)
+    assert run.returncode == 1
+    assert f"could not write {out}" in run.stderr and "follow on stdout" in run.stderr
+    rows = json.loads(run.stdout)
+    assert sorted(row["file"] for row in rows) == sorted(map(str, good))
+    assert all("error" not in row for row in rows)
+    assert not out.exists()
+
+
 def test_classify_cli_exits_zero_when_every_row_succeeds(shared_stack, policy_file, batch, tmp_path):
     good = sorted(Path(file) for file in batch[1])
     out = tmp_path / "results.csv"
