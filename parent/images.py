@@ -8,10 +8,15 @@ import stat
 from pathlib import Path
 
 from nitrolesion.model.dataset import PROJECT_ROOT, default_data_dir
-from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES
+from nitrolesion.wire.frames import MAX_BODY
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 SAMPLE_IMAGES_DIR = PROJECT_ROOT / "sample_images"
+#: The largest image one message to the enclave can carry: a frame body is at most
+#: MAX_BODY, and sealing adds under 2 KiB (wrapped key, parent key, nonce, tag, CBOR).
+#: The enclave's own limit (--max-image-bytes, default 20 MiB) is configurable there and
+#: enforced there; this one is the wire's and cannot be raised.
+MAX_SENDABLE_IMAGE = MAX_BODY - 64 * 1024
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -37,21 +42,22 @@ class ImageFileError(Exception):
         self.code = code
 
 
-def read_image_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def read_image_file(path: Path, max_bytes: int = MAX_SENDABLE_IMAGE) -> bytes:
     """The bytes of the image file at ``path``, checked before anything is sent.
 
     Only regular files: a FIFO would block the batch forever and ``/dev/zero`` would fill
-    memory. Nothing over ``max_bytes`` (the enclave's own limit, so it would refuse the
-    image anyway) is read whole: the read stops one byte past the limit, which also
-    catches a file that grows after it was measured.
+    memory. Nothing over ``max_bytes`` (by default what one message can carry) is read
+    whole: the read stops one byte past the limit, which also catches a file that grows
+    after it was measured.
     """
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
             raise ImageFileError("UNREADABLE", "cannot read file: not a regular file")
         if info.st_size > max_bytes:
-            raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; the enclave "
-                                              f"accepts images up to {max_bytes} bytes")
+            raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; at most "
+                                              f"{max_bytes} bytes fit in one message to "
+                                              "the enclave")
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:

@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from harness import PARENT_CLI, tcp_env
-from parent.images import ImageFileError, read_image_file
+from nitrolesion.wire.frames import MAX_BODY
+from parent.images import MAX_SENDABLE_IMAGE, ImageFileError, read_image_file
 
 
 def read_within(path, seconds=10.0, **kwargs):
@@ -39,7 +40,7 @@ def test_regular_file_up_to_the_limit_is_read(tmp_path):
 def test_file_over_the_limit_is_refused_without_reading_it(tmp_path):
     path = tmp_path / "big.jpg"
     path.write_bytes(b"x" * 101)
-    with pytest.raises(ImageFileError, match="101 bytes; the enclave accepts images up to 100") as caught:
+    with pytest.raises(ImageFileError, match="101 bytes; at most 100 bytes fit") as caught:
         read_image_file(path, max_bytes=100)
     assert caught.value.code == "TOO_LARGE"
 
@@ -62,13 +63,38 @@ def test_missing_file_names_the_reason(tmp_path):
     assert caught.value.code == "UNREADABLE"
 
 
+def test_the_default_limit_is_what_one_frame_can_carry():
+    """An image of MAX_SENDABLE_IMAGE bytes, sealed either way the parent sends images,
+    must still fit in a frame, or the check would let through files that abort a batch
+    (as a 25 MiB file once did)."""
+    import cbor2
+
+    from nitrolesion.crypto.envelope import (generate_keypair, new_request_id, public_key_der,
+                                             seal, sealed_request_aad)
+    from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_key
+    from nitrolesion.wire.frames import MessageType
+    from nitrolesion.wire.messages import SealedRequest, SessionClassify
+
+    image = bytes(MAX_SENDABLE_IMAGE)
+    key = generate_keypair()
+    parent_der, request_id = public_key_der(key), new_request_id()
+    sealed = seal(key, image, sealed_request_aad(request_id, parent_der))
+    one_shot = SealedRequest(request_id, parent_der, sealed.wrapped_key, sealed.nonce,
+                             sealed.ciphertext).to_body()
+    cipher = SessionCipher(new_session_key(), new_session_id(), "client")
+    counter, ciphertext = cipher.seal(MessageType.SESSION_CLASSIFY, cbor2.dumps({"image": image}))
+    in_session = SessionClassify(counter, ciphertext).to_body()
+    for body in (one_shot, in_session):
+        assert MAX_SENDABLE_IMAGE < len(body) <= MAX_BODY
+
+
 def test_client_refuses_an_oversized_image_before_connecting(tmp_path):
     big = tmp_path / "big.jpg"
     with open(big, "wb") as handle:
-        handle.truncate(21 * 1024 * 1024)  # sparse: over the 20 MiB limit, no disk used
+        handle.truncate(MAX_SENDABLE_IMAGE + 1)  # sparse: no disk used
     run = subprocess.run([sys.executable, str(PARENT_CLI), "client", "16", "5005", "--image",
                           str(big)], env=tcp_env(tmp_path / "keys"), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2
-    assert "the enclave accepts images up to 20971520 bytes" in run.stderr
+    assert f"at most {MAX_SENDABLE_IMAGE} bytes fit in one message" in run.stderr
     assert not (tmp_path / "keys").exists()  # refused before any key or connection
