@@ -32,6 +32,7 @@ from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from nitrolesion.transport import TRANSPORTS, default_transport  # noqa: E402
+from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                         help="seconds a new connection has to send its first frame "
                              "(default %(default)s)")
-    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES)
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS_PATH)
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="larger encoded images are refused with BAD_IMAGE (default "
+                             f"%(default)s; at most {MAX_IMAGE_IN_MESSAGE}, what one message "
+                             "can carry)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are refused with BAD_IMAGE before "
+                             "decoding, against decompression bombs (default %(default)s)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH,
+                        help="TFLite model file (default: the shipped one)")
+    parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS_PATH,
+                        help="labels.json matching the model (default: the shipped one)")
     parser.add_argument("--once", action="store_true",
                         help="exit after answering one request (the original demo's behaviour)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -82,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not (args.io_timeout > 0 and args.handshake_timeout > 0):
         print("app.py: --io-timeout and --handshake-timeout must be positive", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_image_bytes <= MAX_IMAGE_IN_MESSAGE:
+        print(f"app.py: --max-image-bytes must be between 1 and {MAX_IMAGE_IN_MESSAGE} (what "
+              "one message can carry)", file=sys.stderr)
+        return 2
+    if args.max_image_pixels < 1:
+        print("app.py: --max-image-pixels must be at least 1", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:

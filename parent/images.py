@@ -8,15 +8,10 @@ import stat
 from pathlib import Path
 
 from nitrolesion.model.dataset import PROJECT_ROOT, default_data_dir
-from nitrolesion.wire.frames import MAX_BODY
+from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 SAMPLE_IMAGES_DIR = PROJECT_ROOT / "sample_images"
-#: The largest image one message to the enclave can carry: a frame body is at most
-#: MAX_BODY, and sealing adds under 2 KiB (wrapped key, parent key, nonce, tag, CBOR).
-#: The enclave's own limit (--max-image-bytes, default 20 MiB) is configurable there and
-#: enforced there; this one is the wire's and cannot be raised.
-MAX_SENDABLE_IMAGE = MAX_BODY - 64 * 1024
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -42,13 +37,13 @@ class ImageFileError(Exception):
         self.code = code
 
 
-def read_image_file(path: Path, max_bytes: int = MAX_SENDABLE_IMAGE) -> bytes:
+def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE) -> bytes:
     """The bytes of the image file at ``path``, checked before anything is sent.
 
     Only regular files: a FIFO would block the batch forever and ``/dev/zero`` would fill
-    memory. Nothing over ``max_bytes`` (by default what one message can carry) is read
-    whole: the read stops one byte past the limit, which also catches a file that grows
-    after it was measured.
+    memory. Nothing over ``max_bytes`` (by default what one message can carry; the
+    enclave's own, configurable limit is enforced there) is read whole: the read stops one
+    byte past the limit, which also catches a file that grows after it was measured.
     """
     try:
         info = os.stat(path)

@@ -11,7 +11,8 @@ import pytest
 
 from harness import PARENT_CLI, tcp_env
 from nitrolesion.wire.frames import MAX_BODY
-from parent.images import MAX_SENDABLE_IMAGE, ImageFileError, read_image_file
+from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE
+from parent.images import ImageFileError, read_image_file
 
 
 def read_within(path, seconds=10.0, **kwargs):
@@ -64,7 +65,7 @@ def test_missing_file_names_the_reason(tmp_path):
 
 
 def test_the_default_limit_is_what_one_frame_can_carry():
-    """An image of MAX_SENDABLE_IMAGE bytes, sealed either way the parent sends images,
+    """An image of MAX_IMAGE_IN_MESSAGE bytes, sealed either way the parent sends images,
     must still fit in a frame, or the check would let through files that abort a batch
     (as a 25 MiB file once did)."""
     import cbor2
@@ -75,7 +76,7 @@ def test_the_default_limit_is_what_one_frame_can_carry():
     from nitrolesion.wire.frames import MessageType
     from nitrolesion.wire.messages import SealedRequest, SessionClassify
 
-    image = bytes(MAX_SENDABLE_IMAGE)
+    image = bytes(MAX_IMAGE_IN_MESSAGE)
     key = generate_keypair()
     parent_der, request_id = public_key_der(key), new_request_id()
     sealed = seal(key, image, sealed_request_aad(request_id, parent_der))
@@ -85,16 +86,16 @@ def test_the_default_limit_is_what_one_frame_can_carry():
     counter, ciphertext = cipher.seal(MessageType.SESSION_CLASSIFY, cbor2.dumps({"image": image}))
     in_session = SessionClassify(counter, ciphertext).to_body()
     for body in (one_shot, in_session):
-        assert MAX_SENDABLE_IMAGE < len(body) <= MAX_BODY
+        assert MAX_IMAGE_IN_MESSAGE < len(body) <= MAX_BODY
 
 
 def test_client_refuses_an_oversized_image_before_connecting(tmp_path):
     big = tmp_path / "big.jpg"
     with open(big, "wb") as handle:
-        handle.truncate(MAX_SENDABLE_IMAGE + 1)  # sparse: no disk used
+        handle.truncate(MAX_IMAGE_IN_MESSAGE + 1)  # sparse: no disk used
     run = subprocess.run([sys.executable, str(PARENT_CLI), "client", "16", "5005", "--image",
                           str(big)], env=tcp_env(tmp_path / "keys"), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2
-    assert f"at most {MAX_SENDABLE_IMAGE} bytes fit in one message" in run.stderr
+    assert f"at most {MAX_IMAGE_IN_MESSAGE} bytes fit in one message" in run.stderr
     assert not (tmp_path / "keys").exists()  # refused before any key or connection

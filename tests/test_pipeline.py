@@ -183,6 +183,23 @@ def test_enclave_refuses_to_start_without_nsm_or_dev_flag(model_present):
     assert "cannot start" in run.stderr and "/dev/nsm" in run.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers, --queue and --max-connections must be at least 1"),
+    (["--io-timeout", "0"], "--io-timeout and --handshake-timeout must be positive"),
+    (["--max-image-bytes", "0"], "--max-image-bytes must be between 1 and"),
+    (["--max-image-bytes", str(30 * 1024 * 1024)], "(what one message can carry)"),
+    (["--max-image-pixels", "-5"], "--max-image-pixels must be at least 1"),
+])
+def test_enclave_refuses_settings_that_would_refuse_every_image(tmp_path, args, message):
+    """Checked before anything starts: a limit of 0 would answer BAD_IMAGE to everything,
+    one above what a message can carry would promise images that can never arrive."""
+    run = subprocess.run([PYTHON, str(ENCLAVE_APP), "3", str(free_port()), str(free_port()),
+                          "--dev-attestation", str(tmp_path / "dev"), *args],
+                         env=tcp_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert not (tmp_path / "dev").exists()  # refused before the authority was created
+
+
 def test_demo_end_to_end(test_image_paths):
     run = subprocess.run([PYTHON, str(PARENT_CLI), "demo", "--image", str(test_image_paths[0])],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)

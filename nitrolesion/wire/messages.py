@@ -25,7 +25,7 @@ from typing import ClassVar
 import cbor2
 
 from nitrolesion.errors import ProtocolError
-from nitrolesion.wire.frames import Frame, MessageType
+from nitrolesion.wire.frames import MAX_BODY, Frame, MessageType
 
 #: Size limits for fields, in bytes. An RSA-3072 SPKI is 422 bytes; a Nitro attestation
 #: document is 4-8 KiB (16 KiB leaves room for 1 KiB user_data/nonce/public_key fields).
@@ -37,6 +37,11 @@ SESSION_ID_SIZE = 16
 WRAPPED_KEY_SIZE = 384  # RSA-3072 modulus
 GCM_NONCE_SIZE = 12
 MAX_ERROR_TEXT = 512
+#: The largest image one message can carry: a frame body is at most MAX_BODY, and sealing
+#: (one-shot or in a session) adds under 2 KiB; 64 KiB leaves slack. Neither side can
+#: raise it: the parent refuses bigger files before sending, the enclave refuses a
+#: --max-image-bytes above it.
+MAX_IMAGE_IN_MESSAGE = MAX_BODY - 64 * 1024
 #: Nesting allowed in a CBOR body. Message bodies are flat maps (depth 1); a result adds
 #: one map for the probabilities (depth 2); 4 leaves slack and keeps any walk shallow.
 MAX_CBOR_DEPTH = 4
