@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--upscale must be >= 1")
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
+    if args.limit < 0:
+        parser.error("--limit must be >= 0")
 
     try:
         model = LesionModel(args.model, args.labels)

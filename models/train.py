@@ -399,6 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)  # smoke runs
     parser.add_argument("--report", type=Path, default=ROOT / "models" / "training_report.json")
     args = parser.parse_args(argv)
+    # Checked before TensorFlow loads (seconds) and long before training (two hours).
+    if not (args.data / "HAM10000_metadata.csv").is_file() or not (args.data / "images").is_dir():
+        parser.error(f"--data {args.data}: expected HAM10000_metadata.csv and images/ there "
+                     "(set HAM10000_DIR or pass --data)")
+    if args.size < 32 or any(size < 32 for size in args.probe):
+        parser.error("--size and --probe sizes must be at least 32 pixels")
+    if args.epochs < 1 or args.warmup_epochs < 0 or args.batch < 1:
+        parser.error("--epochs and --batch must be at least 1, --warmup-epochs at least 0")
+    if not 0 <= args.average_last <= args.epochs:
+        parser.error("--average-last must be between 0 and --epochs")
+    if not (args.lr > 0 and 0 <= args.dropout < 1):
+        parser.error("--lr must be positive and --dropout in [0, 1)")
+    if args.limit < 0:
+        parser.error("--limit must be >= 0")
 
     import keras
     import tensorflow as tf

@@ -195,6 +195,26 @@ def test_evaluate_cli_flags_intervals_that_collapse(tmp_path, ham_dir, classifie
     assert "less certain than a point" in intervals["zero_width"]["meaning"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/none"], "expected HAM10000_metadata.csv and images/"),
+    (["--size", "8"], "--size and --probe sizes must be at least 32"),
+    (["--epochs", "0"], "--epochs and --batch must be at least 1"),
+    (["--average-last", "13"], "--average-last must be between 0 and --epochs"),
+    (["--dropout", "1"], "--dropout in [0, 1)"),
+])
+def test_train_cli_refuses_bad_arguments_before_loading_tensorflow(tmp_path, args, message):
+    """Runs in the inference venv, which has no TensorFlow: the checks must come first, or
+    a typo would cost a TensorFlow import (or two hours of training) before the error."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--data" not in args:
+        args = ["--data", str(tmp_path), *args]
+    run = subprocess.run([sys.executable, str(ROOT / "models" / "train.py"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
 def test_evaluate_cli_names_missing_data(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "models" / "evaluate.py"),
                           str(tmp_path / "nope"), str(tmp_path / "nope.csv")],
