@@ -46,14 +46,16 @@ def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE) -> bytes:
     byte past the limit, which also catches a file that grows after it was measured.
     """
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageFileError("UNREADABLE", "cannot read file: not a regular file")
-        if info.st_size > max_bytes:
-            raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; at most "
-                                              f"{max_bytes} bytes fit in one message to "
-                                              "the enclave")
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the checks below run on
+        # the open descriptor, so the file checked is the file read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageFileError("UNREADABLE", "cannot read file: not a regular file")
+            if info.st_size > max_bytes:
+                raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; at most "
+                                                  f"{max_bytes} bytes fit in one message to "
+                                                  "the enclave")
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise ImageFileError("UNREADABLE", f"cannot read file: {exc.strerror}") from exc
