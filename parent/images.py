@@ -58,7 +58,7 @@ def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE) -> bytes:
                                                   "the enclave")
             data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise ImageFileError("UNREADABLE", f"cannot read file: {exc.strerror}") from exc
+        raise ImageFileError("UNREADABLE", f"cannot read file: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
         raise ImageFileError("TOO_LARGE", f"file grew past {max_bytes} bytes while being read")
     return data
