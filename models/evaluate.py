@@ -7,7 +7,8 @@
 The images go through exactly the enclave's code path (``Classifier.classify`` on the encoded
 bytes: shared preprocessing, then the interpreter). A JSON summary goes to stdout: accuracy,
 balanced accuracy, macro one-vs-rest ROC-AUC, top-3 accuracy, per-class precision/recall,
-the confusion matrix, and 95 % confidence intervals for the headline figures and per-class
+the confusion matrix, calibration (expected calibration error and a reliability table of
+the top probability), and 95 % confidence intervals for the headline figures and per-class
 recalls (a bootstrap over lesions within each diagnosis; ``--bootstrap 0`` skips it).
 """
 
@@ -31,7 +32,7 @@ from nitrolesion.model.dataset import (  # noqa: E402
     SPLIT_NAMES, default_data_dir, image_path, load_split, read_metadata)
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
 from nitrolesion.model.metrics import (  # noqa: E402
-    headline_figures, lesion_bootstrap, summarize)
+    calibration, headline_figures, lesion_bootstrap, summarize)
 from nitrolesion.model.predictions import Predictions, write_predictions  # noqa: E402
 
 #: Two-sided level of the reported confidence intervals.
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     y_true, probs = np.array(y_true), np.array(probs)
     summary = summarize(y_true, probs, codes)
+    summary["calibration"] = calibration(y_true, probs)
     if args.bootstrap:
         intervals = lesion_bootstrap(lambda at: headline_figures(y_true[at], probs[at], codes),
                                      y_true, lesions, args.bootstrap, args.bootstrap_seed,

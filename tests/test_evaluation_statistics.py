@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nitrolesion.model.dataset import read_metadata
-from nitrolesion.model.metrics import headline_figures, lesion_bootstrap, roc_auc
+from nitrolesion.model.metrics import calibration, headline_figures, lesion_bootstrap, roc_auc
 from nitrolesion.model.predictions import Predictions, read_predictions, write_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,21 @@ def test_headline_figures_leave_out_undefined_ones():
     assert figures["recall_a"] == pytest.approx(2 / 3)
     assert "recall_b" not in figures and "recall_c" not in figures  # absent, not 0
     assert "macro_roc_auc" not in figures  # one class: undefined, not NaN
+
+
+def test_calibration_of_honest_and_overconfident_answers():
+    y = np.zeros(10, dtype=int)
+    honest = np.tile([0.8, 0.2], (10, 1))
+    honest[:2] = [0.2, 0.8]  # the two wrong answers are as confident as the eight right
+    result = calibration(y, honest)
+    assert result["expected_calibration_error"] == pytest.approx(0.0)
+    assert result["bins"] == [{"range": [0.8, 0.9], "images": 10, "mean_confidence": 0.8,
+                               "accuracy": 0.8}]
+    sure = np.tile([1.0, 0.0], (10, 1))
+    sure[:5] = [0.0, 1.0]  # certain every time, right half the time
+    result = calibration(y, sure)
+    assert result["expected_calibration_error"] == pytest.approx(0.5)
+    assert result["bins"][0]["range"] == [0.9, 1.0]  # 1.0 lands in the last bin
 
 
 def test_bootstrap_draws_whole_lesions_and_keeps_class_counts():

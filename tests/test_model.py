@@ -156,6 +156,8 @@ def test_evaluate_cli_prints_summary_and_writes_predictions(tmp_path, ham_dir):
                 "per_class", "confusion_matrix"):
         assert key in summary
     assert summary["n_images"] == 60
+    assert sum(b["images"] for b in summary["calibration"]["bins"]) == 60
+    assert 0 <= summary["calibration"]["expected_calibration_error"] <= 1
     intervals = summary["confidence_intervals"]
     assert intervals["resamples"] == 2000 and intervals["level"] == 0.95
     assert intervals["accuracy"][0] <= summary["accuracy"] <= intervals["accuracy"][1]

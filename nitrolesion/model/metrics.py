@@ -74,6 +74,35 @@ def summarize(y_true, probabilities, codes: list[str]) -> dict:
     }
 
 
+def calibration(y_true, probabilities, n_bins: int = 10) -> dict:
+    """How far the top probability is from how often it is right.
+
+    Images are binned by their top probability (``n_bins`` equal-width bins over [0, 1]);
+    the expected calibration error is the image-weighted mean gap between a bin's mean
+    confidence and its accuracy (0 is perfect; 0.05 means a "0.90" is right about 85 or
+    95 % of the time). Empty bins are left out of ``bins``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    # A confidence of exactly 1.0 belongs in the last bin, not an extra one.
+    index = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    bins, error = [], 0.0
+    for b in range(n_bins):
+        members = index == b
+        count = int(members.sum())
+        if not count:
+            continue
+        mean_confidence = float(confidence[members].mean())
+        accuracy = float(correct[members].mean())
+        error += count * abs(mean_confidence - accuracy)
+        bins.append({"range": [b / n_bins, (b + 1) / n_bins], "images": count,
+                     "mean_confidence": round(mean_confidence, 4),
+                     "accuracy": round(accuracy, 4)})
+    return {"expected_calibration_error": error / len(y_true), "bins": bins}
+
+
 def headline_figures(y_true, probabilities, codes: Sequence[str]) -> dict[str, float]:
     """The figures the targets and the model card quote, flat: accuracy, balanced accuracy,
     macro ROC-AUC, top-3 accuracy and ``recall_<code>`` per class. Figures that are not
