@@ -19,10 +19,11 @@ from parent.images import ImageFileError, expand_images, read_image_file
 CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
 
 
-def read_or_error(path: Path) -> bytes | ImageFileError:
-    """The file's bytes, or the error to report for that row (the batch goes on)."""
+def read_or_error(path: Path, named: bool) -> bytes | ImageFileError:
+    """The file's bytes, or the error to report for that row (the batch goes on).
+    ``named``: the user gave this path itself, not a folder holding it."""
     try:
-        return read_image_file(path)
+        return read_image_file(path, named=named)
     except ImageFileError as exc:
         return exc
 
@@ -123,7 +124,9 @@ def run_classify(args, trust) -> int:
         for line in pcr_lines(result):
             print(line, file=sys.stderr)
         client.open_session()
-        for outcome in client.classify_many((read_or_error(p) for p in paths), window=args.window):
+        named = set(args.images)
+        images = (read_or_error(p, named=p in named) for p in paths)
+        for outcome in client.classify_many(images, window=args.window):
             rows[outcome.index] = row_of(paths[outcome.index], outcome)
             if progress is not None:
                 progress.update(1)

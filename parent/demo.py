@@ -89,7 +89,7 @@ def run_demo(args) -> int:
         print(f"demo: {NO_IMAGE_HELP}", file=sys.stderr)
         return 2
     try:
-        image = read_image_file(Path(image_path))
+        image = read_image_file(Path(image_path), named=args.image is not None)
     except ImageFileError as exc:
         print(f"demo: image {image_path}: {exc}", file=sys.stderr)
         return 2

@@ -37,30 +37,35 @@ class ImageFileError(Exception):
         self.code = code
 
 
-def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE) -> bytes:
+def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE, *,
+                    named: bool = False) -> bytes:
     """The bytes of the image file at ``path``, checked before anything is sent.
 
-    Only regular files: a FIFO would block the batch forever and ``/dev/zero`` would fill
-    memory. Nothing over ``max_bytes`` (by default what one message can carry; the
-    enclave's own, configurable limit is enforced there) is read whole: the read stops one
-    byte past the limit, which also catches a file that grows after it was measured.
+    A file found in a folder (``named=False``) must be a regular file: a FIFO there would
+    block the batch forever, waiting for a writer nobody started. A path the user named
+    may also be a pipe (``--image <(curl ...)``) or a device, read like any stream. Either
+    way nothing over ``max_bytes`` (by default what one message can carry; the enclave's
+    own, configurable limit is enforced there) is read: the read stops one byte past it,
+    so ``/dev/zero`` or a file that grows cannot fill memory.
     """
+    too_large = f"at most {max_bytes} bytes fit in one message to the enclave"
+    # O_NONBLOCK for folder entries: opening a FIFO must not wait for a writer. The checks
+    # run on the open descriptor, so the file checked is the file read.
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if named else os.O_NONBLOCK)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; the checks below run on
-        # the open descriptor, so the file checked is the file read.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+        with os.fdopen(os.open(path, flags), "rb") as handle:
             info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageFileError("UNREADABLE", "cannot read file: not a regular file")
-            if info.st_size > max_bytes:
-                raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; at most "
-                                                  f"{max_bytes} bytes fit in one message to "
-                                                  "the enclave")
+            regular = stat.S_ISREG(info.st_mode)
+            if not regular and not named:
+                raise ImageFileError("UNREADABLE", "cannot read file: not a regular file "
+                                                   "(name it on its own to read a pipe)")
+            if regular and info.st_size > max_bytes:
+                raise ImageFileError("TOO_LARGE", f"file is {info.st_size} bytes; {too_large}")
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise ImageFileError("UNREADABLE", f"cannot read file: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
-        raise ImageFileError("TOO_LARGE", f"file grew past {max_bytes} bytes while being read")
+        raise ImageFileError("TOO_LARGE", f"more than {max_bytes} bytes; {too_large}")
     return data
 
 

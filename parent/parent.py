@@ -156,7 +156,7 @@ def read_image(path: Path) -> bytes:
     from parent.images import ImageFileError, read_image_file
 
     try:
-        return read_image_file(Path(path))
+        return read_image_file(Path(path), named=True)
     except ImageFileError as exc:
         raise UsageError(f"image {path}: {exc}") from exc
 

@@ -46,16 +46,37 @@ def test_file_over_the_limit_is_refused_without_reading_it(tmp_path):
     assert caught.value.code == "TOO_LARGE"
 
 
-def test_fifo_is_refused_instead_of_blocking(tmp_path):
+def test_fifo_in_a_folder_is_refused_instead_of_blocking(tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     error = read_within(fifo)["error"]  # opening it would wait for a writer forever
     assert error.code == "UNREADABLE" and "not a regular file" in str(error)
 
 
-def test_character_device_is_refused_instead_of_filling_memory():
+def test_character_device_in_a_folder_is_refused():
     error = read_within("/dev/zero")["error"]
     assert error.code == "UNREADABLE" and "not a regular file" in str(error)
+
+
+def test_a_named_pipe_is_read_like_process_substitution(tmp_path):
+    """`--image <(curl ...)` names a pipe: read it, up to the limit."""
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    payload = os.urandom(300_000)  # more than one pipe buffer, so the read must loop
+
+    def write():
+        with open(fifo, "wb") as handle:
+            handle.write(payload)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert read_within(fifo, named=True)["data"] == payload
+    writer.join(10)
+
+
+def test_a_named_device_is_read_only_up_to_the_limit():
+    error = read_within("/dev/zero", named=True, max_bytes=1000)["error"]
+    assert error.code == "TOO_LARGE" and "more than 1000 bytes" in str(error)
 
 
 def test_missing_file_names_the_reason(tmp_path):
@@ -99,3 +120,22 @@ def test_client_refuses_an_oversized_image_before_connecting(tmp_path):
     assert run.returncode == 2
     assert f"at most {MAX_IMAGE_IN_MESSAGE} bytes fit in one message" in run.stderr
     assert not (tmp_path / "keys").exists()  # refused before any key or connection
+
+
+def test_demo_classifies_an_image_given_as_a_pipe(tmp_path, test_image_paths):
+    fifo = tmp_path / "image"
+    os.mkfifo(fifo)
+    image = test_image_paths[0].read_bytes()
+
+    def write():
+        with open(fifo, "wb") as handle:
+            handle.write(image)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    run = subprocess.run([sys.executable, str(PARENT_CLI), "demo", "--image", str(fifo)],
+                         env=tcp_env(), capture_output=True, text=True, timeout=180)
+    writer.join(10)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Classification received:" in run.stdout
+    assert f"({len(image)} bytes)" in run.stdout  # the whole image came through the pipe
