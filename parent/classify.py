@@ -70,15 +70,19 @@ def check_output_path(path: Path) -> str | None:
 
 
 def write_results(path: Path, rows: list[dict], summary: dict) -> None:
-    """CSV (one row per image) or JSON (rows + summary), written atomically: on failure
-    neither a partial file nor the temporary one is left behind."""
+    """CSV (one row per image) or JSON (rows + summary), written atomically and readable
+    by the owner only (0600: these are diagnoses in clear). On failure neither a partial
+    file nor the temporary one is left behind."""
     tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_file() and not tmp.is_symlink():
+        tmp.unlink()  # left by a crash; recreated below so its mode is ours, not its own
+    # O_EXCL (which also refuses a symlink): never write through something planted there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps({"results": rows, "summary": summary}, indent=2) + "\n",
-                           encoding="utf-8")
-        else:
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        with open(fd, "w", newline="", encoding="utf-8") as handle:
+            if path.suffix.lower() == ".json":
+                handle.write(json.dumps({"results": rows, "summary": summary}, indent=2) + "\n")
+            else:
                 writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
                 writer.writeheader()
                 for row in rows:
@@ -92,8 +96,7 @@ def write_results(path: Path, rows: list[dict], summary: dict) -> None:
                     writer.writerow(flat)
         os.replace(tmp, path)
     except BaseException:
-        if tmp.is_file():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)  # ours: O_EXCL created it
         raise
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import stat
 import threading
 from pathlib import Path
 
@@ -390,6 +391,7 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
             assert rows[file]["error"].startswith(f"{code}: "), rows[file]
             assert all(rows[file][f"p_{c}"] == "" for c in CODES)
     assert not out.with_name(f".{out.name}.tmp").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # diagnoses in clear: owner only
 
 
 def test_classify_cli_checks_out_before_sending_anything(shared_stack, policy_file, batch,
@@ -420,7 +422,11 @@ def test_classify_cli_gives_the_rows_on_stdout_when_out_cannot_be_written(
 def test_classify_cli_exits_zero_when_every_row_succeeds(shared_stack, policy_file, batch, tmp_path):
     good = sorted(Path(file) for file in batch[1])
     out = tmp_path / "results.csv"
+    stale = tmp_path / ".results.csv.tmp"  # left by a crashed run, world-readable
+    stale.write_text("stale")
+    stale.chmod(0o644)
     run = run_classify(shared_stack, policy_file, good, out)
     assert run.returncode == 0, run.stderr
     assert summary_line(run.stderr)["failed"] == 0
     assert os.path.getsize(out) > 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and not stale.exists()
