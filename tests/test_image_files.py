@@ -1,4 +1,5 @@
-"""Reading image files on the parent: only regular files, never more than the enclave takes."""
+"""Reading image files on the parent: folder entries must be regular files, a named pipe is
+read as a stream, and nothing past what one message can carry is read."""
 
 from __future__ import annotations
 
