@@ -24,11 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nitrolesion.model.dataset import default_data_dir, read_metadata  # noqa: E402
-from nitrolesion.model.metrics import headline_figures, lesion_bootstrap  # noqa: E402
+from nitrolesion.model.metrics import (  # noqa: E402
+    CONFIDENCE_LEVEL, headline_figures, lesion_bootstrap, zero_width_note)
 from nitrolesion.model.predictions import read_predictions  # noqa: E402
-
-#: Two-sided level of the reported confidence intervals (as in evaluate.py).
-CONFIDENCE_LEVEL = 0.95
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,14 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in base if name in intervals
         },
     }
-    collapsed = [name for name, (low, high) in intervals.items() if low == high]
-    if collapsed:
-        summary["confidence_intervals"]["zero_width"] = {
-            "figures": collapsed,
-            "meaning": "the two models were right and wrong on the same images for that "
-                       "figure, so every resample gives the same difference; it says they "
-                       "agree on this split, not that they are equal",
-        }
+    note = zero_width_note(
+        intervals, "the two models were right and wrong on the same images for that figure, "
+                   "so every resample gives the same difference; it says they agree on this "
+                   "split, not that they are equal")
+    if note:
+        summary["confidence_intervals"]["zero_width"] = note
     print(json.dumps(summary, indent=2))
     return 0
 

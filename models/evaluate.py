@@ -32,11 +32,9 @@ from nitrolesion.model.dataset import (  # noqa: E402
     SPLIT_NAMES, default_data_dir, image_path, load_split, read_metadata)
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
 from nitrolesion.model.metrics import (  # noqa: E402
-    calibration, headline_figures, lesion_bootstrap, summarize)
+    CONFIDENCE_LEVEL, calibration, headline_figures, lesion_bootstrap, summarize,
+    zero_width_note)
 from nitrolesion.model.predictions import Predictions, write_predictions  # noqa: E402
-
-#: Two-sided level of the reported confidence intervals.
-CONFIDENCE_LEVEL = 0.95
 
 
 def upscaled(data: bytes, factor: int) -> bytes:
@@ -191,14 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             "lesions": len(set(lesions)),
             **{name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()},
         }
-        collapsed = [name for name, (low, high) in intervals.items() if low == high]
-        if collapsed:
-            summary["confidence_intervals"]["zero_width"] = {
-                "figures": collapsed,
-                "meaning": "every image the figure counts was right (or every one wrong), "
-                           "so no resample can differ; the bootstrap cannot see past the "
-                           "sample here, and the true figure is less certain than a point",
-            }
+        note = zero_width_note(
+            intervals, "every image the figure counts was right (or every one wrong), so no "
+                       "resample can differ; the bootstrap cannot see past the sample here, "
+                       "and the true figure is less certain than a point")
+        if note:
+            summary["confidence_intervals"]["zero_width"] = note
     summary = {
         "model": str(args.model),
         "model_sha256": hashlib.sha256(model.model_bytes).hexdigest(),

@@ -150,20 +150,28 @@ def test_predictions_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("id,guess,a\n", "not a predictions file"),
-    ("image_id,predicted,p_a,p_b\nI1,a,0.5\n", ":2: 3 fields"),
-    ("image_id,predicted,p_a,p_b\nI1,a,0.5,x\n", ":2: a probability is not a number"),
-    ("image_id,predicted,p_a,p_b\nI1,a,0.5,nan\n", ":2: probabilities must lie"),
-    ("image_id,predicted,p_a,p_b\nI1,a,0.5,0.5\nI1,a,0.5,0.5\n", ":3: image I1 listed twice"),
-    ("image_id,predicted,p_a,p_b\n", "no predictions"),
-    ("image_id,predicted,p_a,p_b\nI1,a,0.5,\"" + "x" * 200_000 + "\n", "not CSV .field larger"),
-])
-def test_malformed_predictions_are_named(tmp_path, text, message):
+@pytest.mark.parametrize("reader, text, message", [
+    (read_predictions, "id,guess,a\n", "not a predictions file"),
+    (read_predictions, "image_id,predicted,p_a,p_b\nI1,a,0.5\n", ":2: 3 fields"),
+    (read_predictions, "image_id,predicted,p_a,p_b\nI1,a,0.5,x\n",
+     ":2: a probability is not a number"),
+    (read_predictions, "image_id,predicted,p_a,p_b\nI1,a,0.5,nan\n",
+     ":2: probabilities must lie"),
+    (read_predictions, "image_id,predicted,p_a,p_b\nI1,a,0.5,0.5\nI1,a,0.5,0.5\n",
+     ":3: image I1 listed twice"),
+    (read_predictions, "image_id,predicted,p_a,p_b\n", "no predictions"),
+    (read_predictions, "image_id,predicted,p_a,p_b\nI1,a,0.5,\"" + "x" * 200_000 + "\n",
+     "not CSV .field larger"),
+    (read_metadata, "lesion_id,image_id\nL1,I1\n", "missing column"),
+    (read_metadata, "lesion_id,image_id,dx\nL1,I1\n", ":2: too few fields"),
+    (read_metadata, "lesion_id,image_id,dx\nL1,I1,\"" + "x" * 200_000 + "\n",
+     "not CSV .field larger"),
+], ids=lambda value: getattr(value, "__name__", None))
+def test_malformed_csv_files_are_named(tmp_path, reader, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        read_predictions(path)
+        reader(path)
 
 
 @settings(max_examples=300, deadline=None, database=None, print_blob=True)
@@ -176,18 +184,6 @@ def test_any_bytes_read_as_predictions_or_a_value_error(tmp_path_factory, data):
     except ValueError:
         return
     assert predictions.probabilities.shape == (len(predictions.image_ids), 2)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("lesion_id,image_id\nL1,I1\n", "missing column"),
-    ("lesion_id,image_id,dx\nL1,I1\n", ":2: too few fields"),
-    ("lesion_id,image_id,dx\nL1,I1,\"" + "x" * 200_000 + "\n", "not CSV .field larger"),
-])
-def test_malformed_metadata_is_named(tmp_path, text, message):
-    path = tmp_path / "meta.csv"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        read_metadata(path)
 
 
 def write_case(tmp_path, y, groups, probs, name):

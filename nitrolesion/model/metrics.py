@@ -119,13 +119,24 @@ def headline_figures(y_true, probabilities, codes: Sequence[str]) -> dict[str, f
     return figures
 
 
+#: Two-sided level of the confidence intervals evaluate.py and compare.py report.
+CONFIDENCE_LEVEL = 0.95
+
+
+def zero_width_note(intervals: dict[str, tuple[float, float]], meaning: str) -> dict | None:
+    """``{"figures": [...], "meaning": meaning}`` for the intervals that collapsed to a
+    point (the sample's limit, not certainty), or None if none did."""
+    collapsed = [name for name, (low, high) in intervals.items() if low == high]
+    return {"figures": collapsed, "meaning": meaning} if collapsed else None
+
+
 def lesion_bootstrap(
     statistic: Callable[[np.ndarray], dict[str, float]],
     y_true,
     groups: Sequence[str],
     n_resamples: int = 2000,
     seed: int = 0,
-    level: float = 0.95,
+    level: float = CONFIDENCE_LEVEL,
 ) -> dict[str, tuple[float, float]]:
     """Percentile confidence intervals for every figure ``statistic`` returns.
 
