@@ -26,6 +26,7 @@ Steps:
 5. Flip averaging (``--tta flips``, the default): the exported graph classifies the image
    and its horizontal, vertical and both-ways mirror images in one batch and averages the
    four probability vectors, so the file keeps its (1, S, S, 3) -> (1, 7) interface.
+   ``--tta mirror`` uses two views (the image and its left-right mirror) at half the cost.
 6. Prior correction: a per-class logit bias ``alpha * log(1/prior)`` folded into the last
    layer; ``--alpha`` fixes alpha (default 0: none), ``--alpha search`` chooses it on the
    validation split (never on test).
@@ -161,25 +162,31 @@ def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
     return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)
 
 
-def with_flip_averaging(model):
-    """``model`` wrapped so it answers the mean of its probabilities for the image and its
-    three mirror images (left-right, up-down, both). The mirrors form a group, so the
-    answer does not change when the input is mirrored; training augments with the same
-    flips, so every view is one the network has learned."""
+def with_flip_averaging(model, views: str = "flips"):
+    """``model`` wrapped so it answers the mean of its probabilities over mirror images of
+    the input: with ``views="flips"`` the image and its left-right, up-down and both-ways
+    mirrors; with ``"mirror"`` the image and its left-right mirror (half the cost, so a
+    larger input fits the latency budget). Each set is a group, so the answer does not
+    change when the input is mirrored within it; training augments with the same flips,
+    so every view is one the network has learned."""
     import keras
 
-    def views(images):
+    n_views = {"flips": 4, "mirror": 2}[views]
+
+    def make_views(images):
         width_flipped = keras.ops.flip(images, axis=2)
+        if n_views == 2:
+            return keras.ops.concatenate([images, width_flipped], axis=0)
         return keras.ops.concatenate(
             [images, width_flipped, keras.ops.flip(images, axis=1),
              keras.ops.flip(width_flipped, axis=1)], axis=0)
 
     def mean_of_views(probabilities):
-        return keras.ops.mean(keras.ops.reshape(probabilities, (4, -1, 7)), axis=0)
+        return keras.ops.mean(keras.ops.reshape(probabilities, (n_views, -1, 7)), axis=0)
 
     inputs = keras.Input(model.input_shape[1:], name="image")
     outputs = keras.layers.Lambda(mean_of_views, name="mean_of_views")(
-        model(keras.layers.Lambda(views, name="flip_views")(inputs)))
+        model(keras.layers.Lambda(make_views, name="flip_views")(inputs)))
     return keras.Model(inputs, outputs)
 
 
@@ -377,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning epochs the schedule spans (default %(default)s)")
     parser.add_argument("--average-last", type=int, default=0,
                         help="also try the average of the last N epochs' weights (default 0: off)")
-    parser.add_argument("--tta", choices=("flips", "none"), default="flips",
+    parser.add_argument("--tta", choices=("flips", "mirror", "none"), default="flips",
                         help="flips (default): the exported model averages the image and its "
-                             "three mirror images; none: one view")
+                             "three mirror images; mirror: the image and its left-right "
+                             "mirror (half the cost); none: one view")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                         help="retrain on train + validation with the choices made on "
                              "validation, and ship that model (default: on)")
@@ -438,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.bincount(y["train"], minlength=7)
     report["class_weight"] = {codes[c]: round(w, 3) for c, w in class_weights(y["train"]).items()}
     log(f"train counts {dict(zip(codes, counts.tolist()))}; class weights {report['class_weight']}")
-    shipped_form = with_flip_averaging if args.tta == "flips" else (lambda model: model)
+    shipped_form = ((lambda model: model) if args.tta == "none"
+                    else (lambda model: with_flip_averaging(model, args.tta)))
 
     # Steps 4-7: train on train, choose on validation.
     history = []
