@@ -217,6 +217,16 @@ def test_train_cli_refuses_bad_arguments_before_loading_tensorflow(tmp_path, arg
     assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["8"], "sizes must be at least 32"),
+    (["192", "--views", "eight"], "invalid choice: 'eight'"),
+])
+def test_latency_budget_refuses_bad_arguments_before_loading_tensorflow(args, message):
+    run = subprocess.run([sys.executable, str(ROOT / "models" / "latency_budget.py"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
 def test_evaluate_cli_names_missing_data(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "models" / "evaluate.py"),
                           str(tmp_path / "nope"), str(tmp_path / "nope.csv")],
