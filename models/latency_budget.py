@@ -21,24 +21,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-VIEWS = {"flips": 4, "mirror": 2}
+# train imports no TensorFlow at module level: argument errors still come before it loads.
+import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", type=int, nargs="*", default=[192, 208, 224],
                         help="square input sides to time (default: 192 208 224)")
-    parser.add_argument("--views", nargs="+", choices=tuple(VIEWS), default=list(VIEWS),
+    parser.add_argument("--views", nargs="+", choices=tuple(train.VIEW_COUNTS),
+                        default=list(train.VIEW_COUNTS),
                         help="flips: four mirror views (the shipped form); mirror: two "
                              "(default: both)")
     parser.add_argument("--build", type=Path, default=ROOT.parent / "build",
                         help="where the backbone weights are cached (see train.py)")
     args = parser.parse_args(argv)
-    if not args.sizes or any(size < 32 for size in args.sizes):
+    if any(size < 32 for size in args.sizes):
         parser.error("sizes must be at least 32 pixels")
-
-    # After the checks: importing train loads nothing heavy, building a model loads Keras.
-    import train
 
     weights = train.fetch_backbone(args.build)
     rows = []
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = Path(scratch) / f"{size}-{views}.tflite"
                 train.export_tflite(train.with_flip_averaging(network, views), "float16",
                                     None, path)
-                rows.append((size, VIEWS[views], train.runtime_latency_ms(path)))
+                rows.append((size, train.VIEW_COUNTS[views], train.runtime_latency_ms(path)))
     # The table comes last: the TFLite converter prints its own notes to stdout.
     print(f"budget: {train.LATENCY_BUDGET_MS:.0f} ms per photo (90 % of the 30 ms target)")
     print(f"{'size':>5} {'views':>6} {'ms/photo':>9}  fits")

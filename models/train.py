@@ -162,6 +162,10 @@ def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
     return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)
 
 
+#: Mirror views the exported graph averages, by ``--tta`` name (``none`` is one view).
+VIEW_COUNTS = {"flips": 4, "mirror": 2}
+
+
 def with_flip_averaging(model, views: str = "flips"):
     """``model`` wrapped so it answers the mean of its probabilities over mirror images of
     the input: with ``views="flips"`` the image and its left-right, up-down and both-ways
@@ -171,7 +175,7 @@ def with_flip_averaging(model, views: str = "flips"):
     so every view is one the network has learned."""
     import keras
 
-    n_views = {"flips": 4, "mirror": 2}[views]
+    n_views = VIEW_COUNTS[views]
 
     def make_views(images):
         width_flipped = keras.ops.flip(images, axis=2)
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning epochs the schedule spans (default %(default)s)")
     parser.add_argument("--average-last", type=int, default=0,
                         help="also try the average of the last N epochs' weights (default 0: off)")
-    parser.add_argument("--tta", choices=("flips", "mirror", "none"), default="flips",
+    parser.add_argument("--tta", choices=(*VIEW_COUNTS, "none"), default="flips",
                         help="flips (default): the exported model averages the image and its "
                              "three mirror images; mirror: the image and its left-right "
                              "mirror (half the cost); none: one view")

@@ -33,6 +33,19 @@ def read_within(path, seconds=10.0, **kwargs):
     return outcome
 
 
+def feed_fifo(fifo, data: bytes) -> threading.Thread:
+    """A FIFO at ``fifo`` with a thread writing ``data`` into it (join the thread after)."""
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as handle:
+            handle.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return writer
+
+
 def test_regular_file_up_to_the_limit_is_read(tmp_path):
     path = tmp_path / "ok.jpg"
     path.write_bytes(b"x" * 100)
@@ -62,15 +75,8 @@ def test_character_device_in_a_folder_is_refused():
 def test_a_named_pipe_is_read_like_process_substitution(tmp_path):
     """`--image <(curl ...)` names a pipe: read it, up to the limit."""
     fifo = tmp_path / "stream"
-    os.mkfifo(fifo)
     payload = os.urandom(300_000)  # more than one pipe buffer, so the read must loop
-
-    def write():
-        with open(fifo, "wb") as handle:
-            handle.write(payload)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    writer = feed_fifo(fifo, payload)
     assert read_within(fifo, named=True)["data"] == payload
     writer.join(10)
 
@@ -125,15 +131,8 @@ def test_client_refuses_an_oversized_image_before_connecting(tmp_path):
 
 def test_demo_classifies_an_image_given_as_a_pipe(tmp_path, test_image_paths):
     fifo = tmp_path / "image"
-    os.mkfifo(fifo)
     image = test_image_paths[0].read_bytes()
-
-    def write():
-        with open(fifo, "wb") as handle:
-            handle.write(image)
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    writer = feed_fifo(fifo, image)
     run = subprocess.run([sys.executable, str(PARENT_CLI), "demo", "--image", str(fifo)],
                          env=tcp_env(), capture_output=True, text=True, timeout=180)
     writer.join(10)
