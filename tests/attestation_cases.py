@@ -9,6 +9,7 @@ nitrite's tests. Run this file to print the derived cases' sizes as a sanity che
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -19,6 +20,7 @@ import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 DOCS_ENV = "ATTESTATION_DOCS_DIR"
@@ -218,8 +220,6 @@ def forge_leaf_and_resign(data: bytes) -> bytes:
     """Replace the leaf by a look-alike (same names and validity, our key, signed by a
     stranger) and re-sign the COSE envelope with it, so the COSE signature itself is valid:
     only the chain's signature check can catch this."""
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
     parts = split(data)
     payload = cbor2.loads(parts[2])
     real_leaf = x509.load_der_x509_certificate(payload["certificate"])
@@ -242,6 +242,98 @@ def forge_leaf_and_resign(data: bytes) -> bytes:
     r, s = decode_dss_signature(leaf_key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
     parts[3] = r.to_bytes(48, "big") + s.to_bytes(48, "big")
     return join(parts)
+
+
+# -- synthetic chains: a Nitro-shaped PKI built here, for X.509 defects no real document has --
+
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+)
+# What Nitro leaf certificates carry (non-critical): digitalSignature and contentCommitment.
+LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=True, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+)
+# An extension no verifier can know: an OID under the documentation-only arc 2.999 (X.660).
+UNKNOWN_EXTENSION = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.999.1.1"), b"\x05\x00")
+
+Extensions = list[tuple[x509.ExtensionType, bool]]  # (extension, critical)
+
+
+def nitro_ca_extensions(path_length: int | None, key_usage: x509.KeyUsage = CA_KEY_USAGE) -> Extensions:
+    """The extensions of an AWS Nitro CA certificate (basicConstraints and keyUsage, critical)."""
+    return [(x509.BasicConstraints(ca=True, path_length=path_length), True), (key_usage, True)]
+
+
+def nitro_leaf_extensions(key_usage: x509.KeyUsage = LEAF_KEY_USAGE) -> Extensions:
+    """The extensions of an AWS Nitro leaf certificate, criticality as AWS sets it."""
+    return [(x509.BasicConstraints(ca=False, path_length=None), True), (key_usage, False)]
+
+
+@dataclass(frozen=True)
+class SyntheticDocument:
+    data: bytes
+    root: x509.Certificate  # pass as trusted_roots=[root]
+    time: datetime
+
+
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
+    now: datetime, extensions: Extensions,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=3))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA384())
+
+
+def synthetic_document(
+    now: datetime,
+    *,
+    root_extensions: Extensions | None = None,
+    intermediate_extensions: Extensions | None = None,
+    leaf_extensions: Extensions | None = None,
+) -> SyntheticDocument:
+    """A Nitro-format document (production PCRs) signed through root <- intermediate <- leaf.
+
+    Each ``*_extensions`` replaces that certificate's extensions outright; None keeps the
+    AWS-like defaults (:func:`nitro_ca_extensions`, :func:`nitro_leaf_extensions`), with
+    which the document verifies at ``now`` against ``trusted_roots=[result.root]``.
+    """
+    root_key, intermediate_key, leaf_key = (ec.generate_private_key(ec.SECP384R1()) for _ in range(3))
+    root = _certificate("synthetic root", root_key, "synthetic root", root_key, now,
+                        nitro_ca_extensions(None) if root_extensions is None else root_extensions)
+    intermediate = _certificate("synthetic intermediate", intermediate_key, "synthetic root", root_key, now,
+                                nitro_ca_extensions(0) if intermediate_extensions is None else intermediate_extensions)
+    leaf = _certificate("synthetic leaf", leaf_key, "synthetic intermediate", intermediate_key, now,
+                        nitro_leaf_extensions() if leaf_extensions is None else leaf_extensions)
+    payload = cbor2.dumps(
+        {
+            "module_id": "i-0synthetic00000000-enc0000000000000000",
+            "digest": "SHA384",
+            "timestamp": (now - EPOCH) // timedelta(milliseconds=1),
+            "pcrs": {i: hashlib.sha384(b"synthetic PCR %d" % i).digest() for i in range(16)},
+            "certificate": leaf.public_bytes(Encoding.DER),
+            "cabundle": [root.public_bytes(Encoding.DER), intermediate.public_bytes(Encoding.DER)],
+            "public_key": None,
+            "user_data": None,
+            "nonce": None,
+        }
+    )
+    protected = cbor2.dumps({1: -35})
+    to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(leaf_key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+    data = join([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
+    return SyntheticDocument(data, root, now)
 
 
 if __name__ == "__main__":

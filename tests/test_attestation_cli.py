@@ -16,6 +16,7 @@ from attestation_cases import (
     flip_signature_byte,
     lookalike_root,
     real_documents,
+    substitute_root,
     with_x509_version,
 )
 from nitrolesion.attestation.cli import main
@@ -127,6 +128,60 @@ def test_policy_file(capsys, doc_file, tmp_path):
     assert code == 1 and err.startswith("verification failed: PcrMismatch: set #0: expected PCR0 abab")
 
 
+def _pcr_policy(tmp_path, doc):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"allowed_pcrs": [{f"PCR{i}": doc.payload["pcrs"][i].hex() for i in (0, 1, 2)}]}))
+    return path
+
+
+@needs_docs
+def test_without_policy_text_says_pcrs_not_checked(capsys, doc_file, tmp_path):
+    doc, path = doc_file(PROD)
+    code, out, err = run(capsys, path, "--at-ms", doc.expected.timestamp_ms)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "PCRs: NOT checked (no --policy given): any enclave image passes; only the chain and signature were verified" in lines
+    assert lines[-1] == "result: valid, but PCRs NOT checked (no --policy given)"
+    code, out, err = run(capsys, path, "--at-ms", doc.expected.timestamp_ms, "--policy", _pcr_policy(tmp_path, doc))
+    assert code == 0, err
+    assert "PCRs: checked, match allowed set #0 of the policy" in out.splitlines()
+    assert "NOT checked" not in out and out.splitlines()[-1] == "result: valid"
+
+
+@needs_docs
+def test_without_policy_json_says_pcrs_not_checked(capsys, doc_file, tmp_path):
+    doc, path = doc_file(PROD)
+    code, out, _ = run(capsys, path, "--at-ms", doc.expected.timestamp_ms, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["valid"] is True
+    assert data["pcrs_checked"] is False and data["matched_pcr_set"] is None
+    assert data["pcrs_note"].startswith("PCRs NOT checked (no --policy given)")
+    code, out, _ = run(capsys, path, "--at-ms", doc.expected.timestamp_ms, "--json", "--policy", _pcr_policy(tmp_path, doc))
+    data = json.loads(out)
+    assert code == 0 and data["pcrs_checked"] is True and data["matched_pcr_set"] == 0 and data["pcrs_note"] is None
+
+
+@needs_docs
+def test_without_policy_chain_and_signature_are_still_verified(capsys, doc_file):
+    doc = document(PROD)
+    at = ("--at-ms", doc.expected.timestamp_ms)
+    _, path = doc_file(PROD, substitute_root(doc.data))
+    code, _, err = run(capsys, path, *at)
+    assert code == 1 and err.startswith("verification failed: UntrustedRoot:")
+    _, path = doc_file(PROD, flip_signature_byte(doc.data, 0))
+    code, _, err = run(capsys, path, *at)
+    assert code == 1 and err.startswith("verification failed: SignatureInvalid:")
+
+
+def test_policy_file_without_pcrs_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "doc.bin").write_bytes(b"\x84")
+    policy = tmp_path / "empty.json"
+    policy.write_text(json.dumps({"allowed_pcrs": [], "max_age_seconds": 60}))
+    code, out, err = run(capsys, tmp_path / "doc.bin", "--policy", policy)
+    assert code == 2 and out == ""
+    assert "allowed_pcrs: expected at least one PCR set" in err and "nitro-cli build-enclave" in err
+
+
 @needs_docs
 def test_nonce_option(capsys, doc_file):
     doc, path = doc_file(DEBUG)
@@ -146,6 +201,8 @@ def test_dev_document_needs_root(capsys, tmp_path):
     at = ("--at", (now + timedelta(seconds=1)).isoformat())
     code, _, err = run(capsys, path, *at)
     assert code == 1 and err.startswith("verification failed: UntrustedRoot:")
+    # The error says how to trust the development root on purpose.
+    assert "--dev-root DIR/dev_root.pem" in err
     code, out, err = run(capsys, path, *at, "--root", authority.root_pem_path)
     assert code == 0, err
     assert "NOT the AWS Nitro root" in out and "not the AWS Nitro root" in err

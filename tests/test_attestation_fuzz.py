@@ -15,7 +15,7 @@ from nitrolesion.attestation.verifier import verify_attestation
 
 DOCS = real_documents()
 needs_docs = pytest.mark.skipif(not DOCS, reason=SKIP_REASON)
-POLICY = AttestationPolicy(allow_debug=True)
+POLICY = AttestationPolicy.any_enclave(allow_debug=True)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None,
                 print_blob=True)
 

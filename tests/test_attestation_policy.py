@@ -14,6 +14,8 @@ A = bytes(range(48))
 B = bytes(range(1, 49))
 C = bytes(range(2, 50))
 D = bytes(range(3, 51))
+ZERO = bytes(48)
+GOOD_SET = {"PCR0": A.hex(), "PCR1": B.hex(), "PCR2": C.hex()}
 
 
 def test_from_dict_full_format():
@@ -32,11 +34,70 @@ def test_from_dict_full_format():
     assert policy.max_age == timedelta(seconds=600)
 
 
-def test_defaults_accept_any_pcrs_but_no_debug_and_no_age_limit():
-    policy = AttestationPolicy.from_dict({})
-    assert policy == AttestationPolicy()
-    assert policy.allowed_pcr_sets == () and not policy.allow_debug and policy.max_age is None
+def test_defaults_no_debug_and_no_age_limit():
+    policy = AttestationPolicy.from_dict({"allowed_pcrs": [GOOD_SET]})
+    assert not policy.allow_debug and policy.max_age is None and not policy.any_pcrs
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{}, {"allowed_pcrs": []}, {"allowed_pcrs": None}, {"allow_debug": True}, {"max_age_seconds": 60}],
+    ids=["empty-object", "empty-list", "null", "debug-only", "age-only"],
+)
+def test_policy_file_without_pcr_sets_is_refused(data, tmp_path):
+    # Fail closed: a policy file that names no enclave image must not accept every one.
+    with pytest.raises(InvalidPolicy, match=r"allowed_pcrs: expected .*nitro-cli build-enclave"):
+        AttestationPolicy.from_dict(data)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InvalidPolicy, match="nitro-cli build-enclave"):
+        AttestationPolicy.from_json_file(path)
+
+
+def test_policy_without_sets_matches_nothing():
+    # Built in code without sets (e.g. AttestationPolicy(max_age=...)): nothing matches.
+    for policy in (AttestationPolicy(), AttestationPolicy(max_age=timedelta(minutes=5), allow_debug=True)):
+        assert policy.matching_pcr_set({0: A, 1: B, 2: C}) is None
+        assert policy.matching_pcr_set({}) is None
+
+
+def test_any_enclave_is_explicit_and_matches_everything():
+    policy = AttestationPolicy.any_enclave(max_age=timedelta(minutes=5))
+    assert policy.any_pcrs and policy.allowed_pcr_sets == () and policy.max_age == timedelta(minutes=5)
+    assert not policy.allow_debug and AttestationPolicy.any_enclave(allow_debug=True).allow_debug
     assert policy.matching_pcr_set({0: A, 1: B, 2: C}) == -1
+    assert policy != AttestationPolicy(max_age=timedelta(minutes=5))
+
+
+def test_any_pcrs_cannot_be_combined_with_sets():
+    with pytest.raises(InvalidPolicy, match="any_pcrs: expected no allowed PCR sets"):
+        AttestationPolicy(allowed_pcr_sets=({0: A, 1: B, 2: C},), any_pcrs=True)
+    with pytest.raises(InvalidPolicy, match="any_pcrs: expected bool"):
+        AttestationPolicy(any_pcrs=1)
+
+
+def test_every_set_must_name_pcr0_to_2():
+    with pytest.raises(InvalidPolicy, match="expected PCR0, PCR1 and PCR2, got no PCR2; .*nitro-cli build-enclave"):
+        AttestationPolicy(allowed_pcr_sets=({0: A, 1: B},))
+    with pytest.raises(InvalidPolicy, match="set #1: expected PCR0, PCR1 and PCR2, got no PCR0, PCR1, PCR2"):
+        AttestationPolicy(allowed_pcr_sets=({0: A, 1: B, 2: C}, {8: D}))
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_all_zero_pcr0_to_2_need_allow_debug(index):
+    # An all-zero PCR0/1/2 is what every debug-mode enclave reports: pinning it pins nothing.
+    pcr_set = {0: A, 1: B, 2: C} | {index: ZERO}
+    with pytest.raises(InvalidPolicy, match=f"got all-zero PCR{index} .*nitro-cli build-enclave.*allow_debug"):
+        AttestationPolicy(allowed_pcr_sets=(pcr_set,))
+    assert AttestationPolicy(allowed_pcr_sets=(pcr_set,), allow_debug=True).matching_pcr_set(pcr_set) == 0
+    as_file = {"allowed_pcrs": [{f"PCR{i}": v.hex() for i, v in pcr_set.items()}]}
+    with pytest.raises(InvalidPolicy, match="all-zero"):
+        AttestationPolicy.from_dict(as_file)
+    assert AttestationPolicy.from_dict(as_file | {"allow_debug": True}).allow_debug
+    with pytest.raises(InvalidPolicy, match="all-zero"):
+        AttestationPolicy.from_dict({"Measurements": {"HashAlgorithm": "Sha384 { ... }"} | as_file["allowed_pcrs"][0]})
+    with pytest.raises(InvalidPolicy, match="all-zero"):
+        AttestationPolicy.for_dev_pcrs(pcr_set)
 
 
 def test_matching_sets():

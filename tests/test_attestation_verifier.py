@@ -5,30 +5,39 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation_cases import (
+    CA_KEY_USAGE,
     DELETE,
+    LEAF_KEY_USAGE,
     SKIP_REASON,
+    UNKNOWN_EXTENSION,
     document,
     flip_payload_byte,
     flip_signature_byte,
     forge_leaf_and_resign,
     join,
     lookalike_root,
+    nitro_ca_extensions,
+    nitro_leaf_extensions,
     pcr_value_offset,
     real_documents,
     split,
     substitute_root,
     swap_intermediates,
+    synthetic_document,
     with_payload,
     with_protected,
     with_x509_version,
 )
+from cryptography import x509
+
+from nitrolesion.attestation.dev_authority import DevAttestationAuthority
 from nitrolesion.attestation.errors import (
     AttestationError,
     CertificateChainError,
@@ -36,7 +45,7 @@ from nitrolesion.attestation.errors import (
     CertificateNotYetValid,
     CoseDecodeError,
     DebugModeRejected,
-        DocumentTooOld,
+    DocumentTooOld,
     MalformedDocument,
     NonceMismatch,
     PcrMismatch,
@@ -53,8 +62,8 @@ from nitrolesion.errors import NitroLesionError
 
 DOCS = real_documents()
 needs_docs = pytest.mark.skipif(not DOCS, reason=SKIP_REASON)
-ANY = AttestationPolicy()
-DEBUG_OK = AttestationPolicy(allow_debug=True)
+ANY = AttestationPolicy.any_enclave()
+DEBUG_OK = AttestationPolicy.any_enclave(allow_debug=True)
 PROD = "anjuna_prod_rsa_pubkey_2021.bin"  # production, with public key, no nonce
 DEBUG_NONCE = "anjuna_debug_rsa_pubkey_nonce_2024.bin"  # debug, nonce b"Nonce\n"
 
@@ -310,6 +319,143 @@ def test_certificate_with_invalid_x509_version(slot):
         verify_attestation(forged, now=doc.time, policy=ANY)
 
 
+# -- step 4: RFC 5280 path validation, on chains built here ---------------------------
+
+SYNTHETIC_TIME = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+PATH_INVALID = "expected a certification path valid under RFC 5280"
+
+
+def _verify_synthetic(**extensions):
+    doc = synthetic_document(SYNTHETIC_TIME, **extensions)
+    return verify_attestation(doc.data, now=doc.time, policy=ANY, trusted_roots=[doc.root])
+
+
+def test_synthetic_nitro_shaped_chain_verifies():
+    # The control for the defects below: with the extensions AWS uses, the chain is valid.
+    result = _verify_synthetic()
+    assert not result.root_is_aws and len(result.cabundle) == 2
+
+
+def test_intermediate_with_unknown_critical_extension_is_refused():
+    # RFC 5280 s4.2: a certificate with a critical extension the verifier does not know
+    # must be rejected; the hand-written checks ignored it.
+    with pytest.raises(CertificateChainError, match=PATH_INVALID) as caught:
+        _verify_synthetic(intermediate_extensions=nitro_ca_extensions(0) + [(UNKNOWN_EXTENSION, True)])
+    assert "2.999.1.1" in str(caught.value) and "critical" in str(caught.value)
+
+
+def test_leaf_with_unknown_critical_extension_is_refused():
+    with pytest.raises(CertificateChainError, match=PATH_INVALID) as caught:
+        _verify_synthetic(leaf_extensions=nitro_leaf_extensions() + [(UNKNOWN_EXTENSION, True)])
+    assert "2.999.1.1" in str(caught.value)
+
+
+def test_unknown_non_critical_extension_is_ignored():
+    # RFC 5280 s4.2: a non-critical extension may be ignored (AWS CAs carry CRL points).
+    _verify_synthetic(intermediate_extensions=nitro_ca_extensions(0) + [(UNKNOWN_EXTENSION, False)])
+
+
+NO_CERT_SIGN = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=False, crl_sign=True, encipher_only=False, decipher_only=False,
+)
+NO_DIGITAL_SIGNATURE = x509.KeyUsage(
+    digital_signature=False, content_commitment=True, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+)
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        [(x509.BasicConstraints(ca=True, path_length=0), True)],  # no keyUsage at all
+        nitro_ca_extensions(0, key_usage=NO_CERT_SIGN),
+    ],
+    ids=["no-keyUsage", "keyUsage-without-keyCertSign"],
+)
+def test_ca_without_key_cert_sign_is_refused(extensions):
+    # RFC 5280 s4.2.1.3/s6.1.4(n): a CA signs certificates only if keyUsage asserts
+    # keyCertSign; the hand-written checks accepted a CA with no keyUsage at all.
+    with pytest.raises(CertificateChainError, match=PATH_INVALID) as caught:
+        _verify_synthetic(intermediate_extensions=extensions)
+    assert re.search(r"keyCertSign|2\.5\.29\.15", str(caught.value))
+
+
+def test_ca_without_basic_constraints_is_refused():
+    with pytest.raises(CertificateChainError, match=PATH_INVALID):
+        _verify_synthetic(intermediate_extensions=[(CA_KEY_USAGE, True)])
+
+
+def test_path_length_constraint_is_enforced():
+    # The root allows no CA below it, yet signs the intermediate CA.
+    with pytest.raises(CertificateChainError, match=PATH_INVALID):
+        _verify_synthetic(root_extensions=nitro_ca_extensions(0), intermediate_extensions=nitro_ca_extensions(0))
+
+
+@pytest.mark.parametrize(
+    ("extensions", "message"),
+    [
+        (nitro_leaf_extensions(key_usage=NO_DIGITAL_SIGNATURE), "digitalSignature"),
+        ([(x509.BasicConstraints(ca=False, path_length=None), True)], "2.5.29.15"),  # no keyUsage
+        ([(LEAF_KEY_USAGE, False)], "2.5.29.19"),  # no basicConstraints
+        ([(x509.BasicConstraints(ca=True, path_length=None), True), (LEAF_KEY_USAGE, False)], "cA"),
+    ],
+    ids=["no-digitalSignature", "no-keyUsage", "no-basicConstraints", "leaf-is-a-CA"],
+)
+def test_leaf_profile_requires_end_entity_with_digital_signature(extensions, message):
+    # The leaf profile fitted to Nitro leaves: basicConstraints cA false and keyUsage
+    # digitalSignature, both required.
+    with pytest.raises(CertificateChainError, match=PATH_INVALID) as caught:
+        _verify_synthetic(leaf_extensions=extensions)
+    assert message in str(caught.value)
+
+
+def test_policy_without_pcr_sets_accepts_no_enclave():
+    # Fail closed: only AttestationPolicy.any_enclave() skips the PCR check.
+    doc = synthetic_document(SYNTHETIC_TIME)
+    for policy in (AttestationPolicy(), AttestationPolicy(max_age=timedelta(minutes=10))):
+        with pytest.raises(PcrMismatch, match="allows no PCRs"):
+            verify_attestation(doc.data, now=doc.time, policy=policy, trusted_roots=[doc.root])
+    assert verify_attestation(doc.data, now=doc.time, policy=ANY, trusted_roots=[doc.root]).matched_pcr_set == -1
+
+
+# -- step 4: development authority documents --------------------------------------------
+
+DEV_TIME = datetime(2025, 6, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def dev_document(tmp_path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"model")
+    authority = DevAttestationAuthority.create(tmp_path / "state", [model], now=DEV_TIME)
+    return authority, authority.attest(public_key=b"key", nonce=b"n", now=DEV_TIME)
+
+
+def test_development_document_passes_path_validation_with_its_root(dev_document):
+    authority, data = dev_document
+    result = verify_attestation(
+        data, now=DEV_TIME + timedelta(seconds=1), policy=AttestationPolicy.for_dev_pcrs(authority.pcrs),
+        trusted_roots=[aws_nitro_root(), authority.root_certificate],
+    )
+    assert not result.root_is_aws and result.matched_pcr_set == 0
+
+
+def test_untrusted_development_root_names_the_dev_root_option(dev_document):
+    authority, data = dev_document
+    with pytest.raises(UntrustedRoot, match=re.escape("--dev-root DIR/dev_root.pem")) as caught:
+        verify_attestation(data, now=DEV_TIME + timedelta(seconds=1), policy=AttestationPolicy.for_dev_pcrs(authority.pcrs))
+    assert str(caught.value).startswith(f"cabundle[0]: expected a trusted root (sha256:{AWS_NITRO_ROOT_G1_SHA256})")
+
+
+@needs_docs
+def test_untrusted_other_root_does_not_suggest_the_dev_root_option():
+    doc = document(PROD)
+    with pytest.raises(UntrustedRoot) as caught:
+        verify_attestation(substitute_root(doc.data), now=doc.time, policy=ANY)
+    assert "--dev-root" not in str(caught.value)
+
+
 # -- step 5: signature -------------------------------------------------------------------
 
 
@@ -436,7 +582,7 @@ def test_nonce_expected_but_document_has_none():
 @needs_docs
 def test_document_age():
     doc = document(PROD)
-    policy = AttestationPolicy(max_age=timedelta(minutes=10))
+    policy = AttestationPolicy.any_enclave(max_age=timedelta(minutes=10))
     verify_attestation(doc.data, now=doc.time + timedelta(minutes=10), policy=policy)
     with pytest.raises(DocumentTooOld, match="expected age at most 0:10:00, got 0:10:01"):
         verify_attestation(doc.data, now=doc.time + timedelta(minutes=10, seconds=1), policy=policy)

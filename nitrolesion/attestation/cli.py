@@ -6,6 +6,11 @@ Exit codes: 0 the document is valid, 1 verification failed (``verification faile
 ``--root PEM`` adds roots to the pinned AWS root; it never replaces it, and the output
 always says which root the chain ended at, so a development document can never pass for
 an AWS-attested one.
+
+Without ``--policy`` the document's chain, signature, debug mode and nonce are still
+verified but its PCRs are not: any enclave image passes. The output says so plainly
+(``PCRs: NOT checked`` in text, ``"pcrs_checked": false`` in JSON), so a valid result is
+never mistaken for "this is our enclave".
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ EXIT_VALID = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 SHOWN_PCRS = (0, 1, 2, 8)
+PCRS_NOT_CHECKED = "NOT checked (no --policy given): any enclave image passes; only the chain and signature were verified"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -46,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--at", metavar="ISO8601", help="verify as of this time (no zone = UTC); default: now")
     when.add_argument("--at-ms", metavar="MS", type=int, help="verify as of this Unix time in milliseconds")
-    parser.add_argument("--policy", metavar="FILE", type=Path, help="JSON policy (see docs/ATTESTATION.md)")
+    parser.add_argument(
+        "--policy", metavar="FILE", type=Path,
+        help="JSON policy with the allowed PCRs (see README); without it PCRs are NOT checked",
+    )
     parser.add_argument("--allow-debug", action="store_true", help="accept debug-mode (all-zero PCR) enclaves")
     parser.add_argument(
         "--root", "--dev-root", metavar="PEM", type=Path, action="append", default=[],
@@ -123,8 +132,11 @@ def _verification_time(args: argparse.Namespace, clock: Callable[[], datetime]) 
 
 
 def _load_policy(args: argparse.Namespace) -> AttestationPolicy:
+    if args.policy is None:
+        # Explicitly insecure, and the output says so (PCRS_NOT_CHECKED).
+        return AttestationPolicy.any_enclave(allow_debug=args.allow_debug)
     try:
-        policy = AttestationPolicy.from_json_file(args.policy) if args.policy else AttestationPolicy()
+        policy = AttestationPolicy.from_json_file(args.policy)
     except InvalidPolicy as exc:
         raise UsageError(str(exc)) from exc
     if args.allow_debug and not policy.allow_debug:
@@ -170,6 +182,11 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _pcrs_checked(result: AttestationResult) -> bool:
+    # -1: the policy was AttestationPolicy.any_enclave(), so no PCR set was compared.
+    return result.matched_pcr_set >= 0
+
+
 def _as_text(result: AttestationResult, now: datetime) -> list[str]:
     lines = [
         f"module_id: {result.module_id}",
@@ -178,6 +195,10 @@ def _as_text(result: AttestationResult, now: datetime) -> list[str]:
         f"debug: {'yes (all-zero PCRs)' if result.debug else 'no'}",
     ]
     lines += [f"PCR{i}: {result.pcrs[i].hex() if i in result.pcrs else 'none'}" for i in SHOWN_PCRS]
+    if _pcrs_checked(result):
+        lines.append(f"PCRs: checked, match allowed set #{result.matched_pcr_set} of the policy")
+    else:
+        lines.append(f"PCRs: {PCRS_NOT_CHECKED}")
     key = "none"
     if result.public_key is not None:
         key = f"sha256:{result.public_key_sha256} ({len(result.public_key)} bytes)"
@@ -187,7 +208,7 @@ def _as_text(result: AttestationResult, now: datetime) -> list[str]:
         f"user_data: {'none' if result.user_data is None else f'{len(result.user_data)} bytes'}",
         f"root: {_root_label(result)}",
         f"verified at: {_iso(now)}",
-        "result: valid",
+        "result: valid" if _pcrs_checked(result) else "result: valid, but PCRs NOT checked (no --policy given)",
     ]
     return lines
 
@@ -201,6 +222,9 @@ def _as_json(result: AttestationResult, now: datetime) -> dict[str, Any]:
         "digest": result.digest,
         "debug": result.debug,
         "pcrs": {f"PCR{i}": result.pcrs[i].hex() for i in SHOWN_PCRS if i in result.pcrs},
+        "pcrs_checked": _pcrs_checked(result),
+        "matched_pcr_set": result.matched_pcr_set if _pcrs_checked(result) else None,
+        "pcrs_note": None if _pcrs_checked(result) else f"PCRs {PCRS_NOT_CHECKED}",
         "public_key_sha256": result.public_key_sha256,
         "public_key_length": None if result.public_key is None else len(result.public_key),
         "nonce_length": None if result.nonce is None else len(result.nonce),

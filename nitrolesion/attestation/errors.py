@@ -5,19 +5,20 @@
         ├── CoseDecodeError               step 1: bytes are not a COSE_Sign1 structure
         ├── UnsupportedAlgorithm          step 2: protected header alg is not ES384 (or leaf key unfit)
         ├── MalformedDocument             step 3: payload field missing, wrong type or out of range
-        ├── CertificateChainError         step 4: the chain leaf -> cabundle does not link up
+        ├── CertificateChainError         step 4: the chain leaf -> cabundle fails RFC 5280 path validation
         │   ├── CertificateExpired        step 4: a certificate's notAfter is before `now`
         │   ├── CertificateNotYetValid    step 4: a certificate's notBefore is after `now`
         │   └── UntrustedRoot             step 4: cabundle[0] is not one of the trusted roots
+        │                                         (for a development root: says to pass --dev-root)
         ├── SignatureInvalid              step 5: COSE signature does not verify with the leaf key
         ├── PolicyViolation               step 6: the document is authentic but not acceptable
         │   ├── DebugModeRejected         6a: all-zero PCR0/1/2 (debug enclave) and debug not allowed
-        │   ├── PcrMismatch               6b: PCRs match none of the allowed sets
+        │   ├── PcrMismatch               6b: PCRs match none of the allowed sets (no sets: nothing matches)
         │   ├── NonceMismatch             6c: nonce differs from the one the client sent
         │   ├── DocumentTooOld            6d: timestamp older than the policy's max_age
         │   └── DocumentFromFuture        6d: timestamp too far after `now`
         ├── PublicKeyMismatch             step 7: key offered for wrapping is not the attested one
-        ├── InvalidPolicy                 the policy file/dict is not in the documented format
+        ├── InvalidPolicy                 the policy file/dict is not in the documented format (or names no PCRs)
         ├── PinnedRootError               the committed AWS root failed its SHA-256 pin at load
         ├── AttestationUnavailable        no /dev/nsm and no development flag: cannot attest
         ├── NsmError                      the Nitro Secure Module refused or answered garbage
@@ -58,7 +59,12 @@ class MalformedDocument(AttestationError):
 
 
 class CertificateChainError(AttestationError):
-    """The certificate chain from the leaf through the cabundle does not verify."""
+    """The certificate chain from the leaf through the cabundle does not verify.
+
+    Raised for unparsable certificates, a cabundle out of the NSM's order, and anything RFC
+    5280 path validation refuses (signatures, CA flags, path lengths, key usages, unknown
+    critical extensions).
+    """
 
 
 class CertificateExpired(CertificateChainError):
@@ -86,7 +92,11 @@ class DebugModeRejected(PolicyViolation):
 
 
 class PcrMismatch(PolicyViolation):
-    """The document's PCRs match none of the policy's allowed PCR sets."""
+    """The document's PCRs match none of the policy's allowed PCR sets.
+
+    A policy with no sets allows no PCRs; only ``AttestationPolicy.any_enclave()`` skips
+    the check.
+    """
 
 
 class NonceMismatch(PolicyViolation):

@@ -10,11 +10,16 @@ the code and fails with its own exception type:
    module_id (text), digest == "SHA384", timestamp (ms), pcrs (index -> 48 bytes),
    certificate (DER), cabundle (list of DER); optional public_key / user_data / nonce
    (null or at most 1024 bytes each: real NSMs emit 1024, above the spec's 512).
-4. The chain ``certificate <- cabundle[-1] <- ... <- cabundle[0]`` links up
-   (issuer names, CA flags, path lengths, signatures), cabundle[0] is byte-for-byte
-   one of the trusted roots (default: the pinned AWS Nitro Enclaves Root-G1), and every
-   certificate is valid at ``now``.          CertificateChainError, UntrustedRoot,
-                                             CertificateExpired, CertificateNotYetValid
+4. The chain ``certificate <- cabundle[-1] <- ... <- cabundle[0]``:
+   a. cabundle[0] is byte-for-byte one of the trusted roots (default: the pinned AWS
+      Nitro Enclaves Root-G1);                                       UntrustedRoot
+   b. every certificate is valid at ``now``;  CertificateExpired, CertificateNotYetValid
+   c. the cabundle is in the NSM's order (each issuer name is the next one's subject);
+                                                                     CertificateChainError
+   d. RFC 5280 path validation by ``cryptography.x509.verification`` from the leaf to
+      the trusted roots: signatures, CA flags, path lengths, keyCertSign, no unknown
+      critical extensions (WebPKI defaults for CAs, a leaf profile fitted to Nitro leaf
+      certificates), and the validated path is exactly the cabundle. CertificateChainError
 5. The COSE signature (raw r||s, 96 bytes) verifies over the Sig_structure
    (RFC 8152 s4.4) with the leaf certificate's P-384 key.            SignatureInvalid
 6. Policy (nitrolesion.attestation.policy):
@@ -47,6 +52,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from nitrolesion.attestation.cose import ALG_ES384, HEADER_ALG, decode_cbor, decode_cose_sign1
 from nitrolesion.attestation.errors import (
@@ -92,7 +98,7 @@ class AttestationResult:
     ``root`` is the trusted root the chain ended at; ``root_is_aws`` says whether it is
     the pinned AWS Nitro Enclaves root (False for a development root given explicitly).
     ``matched_pcr_set`` is the index of the policy's PCR set that matched (-1: the policy
-    pins no PCRs).
+    was built by :meth:`AttestationPolicy.any_enclave` and PCRs were not checked).
     """
 
     module_id: str
@@ -328,6 +334,39 @@ _CERT_ERRORS = (
 )
 
 
+# The subject common name DevAttestationAuthority.create gives its root; it lets an
+# UntrustedRoot error say how to trust a development document on purpose.
+DEV_ROOT_COMMON_NAME = "nitrolesion development root (NOT AWS)"
+DEV_ROOT_HINT = "pass --dev-root DIR/dev_root.pem (DIR: the development authority's state directory)"
+
+
+def _leaf_basic_constraints(_policy: Any, _cert: x509.Certificate, value: x509.BasicConstraints) -> None:
+    if value.ca:
+        raise ValueError("expected basicConstraints cA false on the leaf, got cA true")
+
+
+def _leaf_key_usage(_policy: Any, _cert: x509.Certificate, value: x509.KeyUsage) -> None:
+    if not value.digital_signature:
+        raise ValueError("expected keyUsage digitalSignature on the leaf (it signs the document), got a keyUsage without it")
+
+
+# Nitro leaf certificates carry basicConstraints (cA false) and keyUsage (digitalSignature,
+# contentCommitment, non-critical) and nothing else: no authorityKeyIdentifier or
+# subjectAltName, which the WebPKI end-entity defaults demand. So: those two required;
+# nameConstraints refused (RFC 5280 s4.2.1.10: CA certificates only); other known
+# extensions tolerated as they are harmless here. Unknown critical extensions are refused
+# by the library whatever the policy says.
+_LEAF_EXTENSIONS = (
+    ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, _leaf_basic_constraints)
+    .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _leaf_key_usage)
+    .require_not_present(x509.NameConstraints)
+)
+# The AWS root and intermediates satisfy the WebPKI CA profile as they are (basicConstraints
+# critical, keyUsage keyCertSign, no authorityCertIssuer), and so does the dev authority.
+_CA_EXTENSIONS = ExtensionPolicy.webpki_defaults_ca()
+
+
 def _verify_chain(
     leaf_der: bytes, bundle_ders: list[bytes], now: datetime, roots: list[x509.Certificate]
 ) -> tuple[x509.Certificate, list[x509.Certificate], x509.Certificate]:
@@ -336,8 +375,7 @@ def _verify_chain(
     trusted = {_sha256(r.public_bytes(Encoding.DER)): r for r in roots}
     anchor = _sha256(bundle_ders[0])
     if anchor not in trusted:
-        names = ", ".join(sorted(f"sha256:{fp}" for fp in trusted))
-        raise UntrustedRoot(f"cabundle[0]: expected a trusted root ({names}), got sha256:{anchor}")
+        raise UntrustedRoot(_describe_untrusted_root(bundle_ders[0], anchor, trusted))
     root = trusted[anchor]
 
     try:
@@ -348,6 +386,7 @@ def _verify_chain(
         chain[-1] = ("cabundle[0]", root)
 
         # 4b: every certificate valid at `now` (RFC 5280 s4.1.2.5: both bounds inclusive).
+        # Path validation checks this too; checking first keeps the error's name precise.
         for name, cert in chain:
             not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
             if now > not_after:
@@ -359,37 +398,34 @@ def _verify_chain(
                     f"{name} ({_cn(cert)}): expected valid at {_iso(now)}, got notBefore {_iso(not_before)}"
                 )
 
-        # 4c: the leaf is an end-entity certificate.
-        leaf_bc = _basic_constraints(leaf)
-        if leaf_bc is not None and leaf_bc.ca:
-            raise CertificateChainError("certificate: expected an end-entity certificate, got a CA certificate")
-
-        # 4d: each link: issuer is a CA allowed to sign at this depth, names chain, signature.
+        # 4c: the NSM's order. Path building would find a path through the intermediates in
+        # any order; the document format fixes it, and a reordered bundle is not an NSM's.
         for depth in range(1, len(chain)):
             child_name, child = chain[depth - 1]
-            parent_name, parent = chain[depth]
-            bc = _basic_constraints(parent)
-            if bc is None or not bc.ca:
-                raise CertificateChainError(f"{parent_name}: expected a CA certificate (basicConstraints cA), got none")
-            # Intermediates below this parent, not counting the leaf (RFC 5280 s4.2.1.9).
-            below = depth - 1
-            if bc.path_length is not None and below > bc.path_length:
-                raise CertificateChainError(
-                    f"{parent_name}: expected at most {bc.path_length} CA certificates below it, got {below}"
-                )
-            usage = _key_usage(parent)
-            if usage is not None and not usage.key_cert_sign:
-                raise CertificateChainError(f"{parent_name}: expected keyUsage keyCertSign, got {usage}")
+            _, parent = chain[depth]
             if child.issuer != parent.subject:
                 raise CertificateChainError(
                     f"{child_name}: expected issuer {parent.subject.rfc4514_string()}, got {child.issuer.rfc4514_string()}"
                 )
-            try:
-                child.verify_directly_issued_by(parent)
-            except InvalidSignature as exc:
-                raise CertificateChainError(
-                    f"{child_name}: expected a valid signature by {parent_name}, got an invalid one"
-                ) from exc
+
+        # 4d: RFC 5280 path validation, and the path it validated must be the cabundle itself.
+        verifier = (
+            PolicyBuilder()
+            .store(Store(roots))
+            .time(now.astimezone(timezone.utc))
+            .extension_policies(ca_policy=_CA_EXTENSIONS, ee_policy=_LEAF_EXTENSIONS)
+            .build_client_verifier()
+        )
+        try:
+            validated = verifier.verify(leaf, bundle[1:]).chain
+        except VerificationError as exc:
+            raise _describe_invalid_path(chain, exc) from exc
+        expected = [cert.public_bytes(Encoding.DER) for _, cert in chain]
+        if [cert.public_bytes(Encoding.DER) for cert in validated] != expected:
+            raise CertificateChainError(
+                f"expected the validated path to be certificate <- cabundle[-1] <- ... <- cabundle[0], "
+                f"got another path of {len(validated)} certificates"
+            )
     except AttestationError:
         raise
     except _CERT_ERRORS as exc:
@@ -397,25 +433,40 @@ def _verify_chain(
     return leaf, bundle, root
 
 
+def _describe_untrusted_root(anchor_der: bytes, anchor: str, trusted: dict[str, x509.Certificate]) -> str:
+    names = ", ".join(sorted(f"sha256:{fp}" for fp in trusted))
+    message = f"cabundle[0]: expected a trusted root ({names}), got sha256:{anchor}"
+    # A development document is the usual cause: say how to trust its root on purpose.
+    try:
+        anchor_cert = x509.load_der_x509_certificate(anchor_der)
+        common_names = anchor_cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except _CERT_ERRORS:
+        return message
+    if any(attribute.value == DEV_ROOT_COMMON_NAME for attribute in common_names):
+        message += f", the nitrolesion development authority's root, which is never trusted by default; {DEV_ROOT_HINT}"
+    return message
+
+
+def _describe_invalid_path(chain: list[tuple[str, x509.Certificate]], exc: VerificationError) -> CertificateChainError:
+    # The library names the broken rule but not which cabundle entry broke it. A bad
+    # signature is the most telling failure, so name the first one from the leaf up.
+    for depth in range(1, len(chain)):
+        child_name, child = chain[depth - 1]
+        parent_name, parent = chain[depth]
+        try:
+            child.verify_directly_issued_by(parent)
+        except InvalidSignature:
+            return CertificateChainError(f"{child_name}: expected a valid signature by {parent_name}, got an invalid one")
+        except _CERT_ERRORS:
+            break  # unusable key or algorithm: the library's own message says more
+    return CertificateChainError(f"expected a certification path valid under RFC 5280, got: {exc}")
+
+
 def _load_der(der: bytes, name: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
     except CERTIFICATE_PARSE_ERRORS as exc:
         raise CertificateChainError(f"{name}: expected a DER X.509 certificate, got unparsable bytes ({exc})") from exc
-
-
-def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
 
 
 # -- step 5 --------------------------------------------------------------------------------
@@ -446,6 +497,13 @@ def _verify_signature(leaf: x509.Certificate, signed: bytes, signature: bytes) -
 
 
 def _describe_pcr_mismatch(policy: AttestationPolicy, pcrs: dict[int, bytes]) -> str:
+    if not policy.allowed_pcr_sets:
+        # Fail closed: a policy without sets allows no PCRs; "any" must be asked for.
+        return (
+            "expected PCRs matching an allowed set, got a policy that allows no PCRs (it has no "
+            "allowed PCR sets); give a policy with the PCRs from `nitro-cli build-enclave`, or "
+            "AttestationPolicy.any_enclave() to accept any enclave (insecure)"
+        )
     # Report the first differing PCR of each allowed set: that is what an operator must fix.
     parts = []
     for number, pcr_set in enumerate(policy.allowed_pcr_sets):
