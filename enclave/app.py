@@ -11,6 +11,7 @@ until one request has been answered.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,14 +26,27 @@ if str(ROOT) not in sys.path:
 
 from enclave.service import (  # noqa: E402
     HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
+from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE  # noqa: E402
 from nitrolesion.attestation.provider import open_attestation_provider  # noqa: E402
 from nitrolesion.enclave_image import image_files  # noqa: E402
 from nitrolesion.errors import NitroLesionError  # noqa: E402
+from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory  # noqa: E402
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from nitrolesion.transport import TRANSPORTS, default_transport  # noqa: E402
 from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE  # noqa: E402
+
+
+def write_dev_policy(authority) -> Path:
+    """Write DIR/policy.json pinning the development PCRs, so a local client runs with
+    ``--dev-root DIR/dev_root.pem --policy DIR/policy.json``."""
+    from nitrolesion.attestation.policy import AttestationPolicy
+    from nitrolesion.crypto.keystore import write_private_file
+
+    policy = AttestationPolicy.for_dev_pcrs(authority.pcrs)
+    data = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
+    return write_private_file(authority.root_pem_path.parent, DEV_POLICY_FILE, data, mode=0o644)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are refused with BAD_IMAGE before "
                              "decoding, against decompression bombs (default %(default)s)")
+    parser.add_argument("--memory", type=int, default=RECOMMENDED_ENCLAVE_MIB, metavar="MIB",
+                        help="the enclave's memory as given to nitro-cli run-enclave --memory "
+                             "(default %(default)s); frames in flight and decoded pixels are "
+                             "held to a budget derived from it, beyond which requests get BUSY")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH,
                         help="TFLite model file (default: the shipped one)")
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS_PATH,
@@ -98,9 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_image_pixels < 1:
         print("app.py: --max-image-pixels must be at least 1", file=sys.stderr)
         return 2
+    try:
+        memory_budget = budget_for_enclave_memory(args.memory)
+    except ValueError as exc:
+        print(f"app.py: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         attestor = open_attestation_provider(args.dev_attestation, image_files(ROOT), base=ROOT)
+        if getattr(attestor, "is_development", False):
+            write_dev_policy(attestor.authority)
         model = LesionModel(args.model, args.labels)
         config = ServiceConfig(
             transport=args.transport, host=args.host, parent_cid=args.parent_cid,
@@ -108,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_size=args.queue, max_connections=args.max_connections,
             io_timeout=args.io_timeout, handshake_timeout=args.handshake_timeout,
             max_image_bytes=args.max_image_bytes,
-            max_image_pixels=args.max_image_pixels, once=args.once)
+            max_image_pixels=args.max_image_pixels, memory_budget=memory_budget, once=args.once)
         service = EnclaveService(config, model, attestor)
     except NitroLesionError as exc:
         print(f"enclave: cannot start: {exc}", file=sys.stderr)
@@ -116,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dev_attestation:
         log.warning("DEVELOPMENT attestation authority in use (%s): not a real enclave",
                     args.dev_attestation)
+        if getattr(attestor, "is_development", False):
+            policy = attestor.authority.root_pem_path.parent / DEV_POLICY_FILE
+            log.info("development policy for this enclave's PCRs: --dev-root %s --policy %s",
+                     attestor.authority.root_pem_path, policy)
 
     def on_signal(signum, _frame):
         service.shutdown()
@@ -130,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     server = threading.Thread(target=service.serve, name="accept", daemon=True)
     server.start()
     service.ready.wait()
-    log.info("ready in %.2f s (key generation %.2f s, %d workers, model %s)",
-             time.perf_counter() - started, service.keygen_seconds, args.workers,
-             args.model.name)
+    log.info("ready in %.2f s (key generation %.2f s, %d workers, model %s, memory budget "
+             "%d MiB for --memory %d)", time.perf_counter() - started, service.keygen_seconds,
+             args.workers, args.model.name, memory_budget // (1024 * 1024), args.memory)
     while server.is_alive():
         server.join(timeout=0.5)
     return 0

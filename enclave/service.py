@@ -4,8 +4,8 @@ Threads:
 - the parent link announces the public key (with an attestation document) to the parent
   server and carries one-shot results to it, reconnecting with backoff;
 - the accept loop takes client connections, at most ``max_connections`` at once;
-- one handler thread per connection runs the protocol state machine
-  (HELLO -> ATTESTATION -> SEALED_REQUEST | SESSION_OPEN -> SESSION_CLASSIFY...);
+- one handler thread per connection moves frames between the socket and that
+  connection's protocol state machine (nitrolesion.protocol.EnclaveSession);
 - ``workers`` classifier threads, each with its own TFLite interpreter, take jobs from a
   bounded queue; a full queue answers BUSY instead of growing.
 
@@ -19,28 +19,27 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import cbor2
 
-from nitrolesion.crypto.envelope import (
-    Envelope, generate_keypair, load_public_key, open_envelope, public_key_der, request_aad, seal,
-    sealed_request_aad)
-from nitrolesion.crypto.keywrap import unwrap_session_key
-from nitrolesion.crypto.session import SessionCipher
+from nitrolesion.crypto.envelope import generate_keypair, public_key_der
 from nitrolesion.errors import (
-    ConnectionClosed, CryptoError, ImageError, NitroLesionError, ProtocolError, ReorderError,
-    ReplayError, TransportError, TransportTimeout)
+    ConnectionClosed, ImageError, NitroLesionError, ProtocolError, TransportError,
+    TransportTimeout)
+from nitrolesion.memory_budget import (
+    FRAME_COPIES, MIB, MemoryBudget, Reservation, budget_for_enclave_memory)
 from nitrolesion.model.classifier import LesionModel, Prediction
-from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decoded_bytes_estimate
 from nitrolesion.transport import Endpoint, FramedConnection, accept, connect, listen
-from nitrolesion.wire.frames import MessageType
+from nitrolesion.protocol import (
+    AttestationRequested, BadRequest, EnclaveSession, ImageReceived, OneShotReceived,
+    SessionOpened, State, error_code, error_frame)
+from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import (
-    Accepted, AnnounceAck, Attestation, EnclaveAnnounce, ErrorCode, ErrorMessage,
-    Goodbye, Hello, Message, SealedRequest, SealedResult, SessionClassify, SessionOpen,
-    SessionReady, SessionResult, decode_message, loads_plain)
+    AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, ResultPayload, SealedResult,
+    decode_message)
 
 log = logging.getLogger("enclave")
 
@@ -63,8 +62,6 @@ MAX_CONNECTIONS = 64
 #: Requests one session may have queued or running at once. The reader stops reading
 #: beyond this, so TCP backpressure reaches the client instead of our memory growing.
 SESSION_WINDOW = 8
-#: Request ids remembered to refuse replayed one-shot requests (16 bytes each).
-REPLAY_CACHE_SIZE = 65536
 #: Backoff for reconnecting to the parent server: first delay, cap.
 PARENT_BACKOFF = (0.2, 5.0)
 #: A parent link that stayed up this long was healthy: the next reconnect starts the
@@ -73,6 +70,13 @@ PARENT_BACKOFF = (0.2, 5.0)
 STABLE_LINK_SECONDS = 10.0
 #: Listening binds every local CID (the endpoint's cid is ignored for listening).
 VMADDR_CID_ANY = 0xFFFFFFFF
+#: When every connection slot is taken, a connection that has waited this long for its
+#: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
+#: its next frame within milliseconds; one second spares a slow one, and 64 silent
+#: connections can no longer lock legitimate clients out for IO_TIMEOUT.
+IDLE_EVICTION_GRACE = 1.0
+#: Seconds the accept loop waits for an evicted connection to give its slot back.
+EVICTION_WAIT = 2.0
 
 
 @dataclass
@@ -91,20 +95,43 @@ class ServiceConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    memory_budget: int = field(default_factory=budget_for_enclave_memory)
     once: bool = False
 
 
 class Busy(NitroLesionError):
-    """The job queue is full."""
+    """The job queue is full, or no memory is left for the job right now."""
+
+
+class FrameRefused(NitroLesionError):
+    """A frame refused from its header (too large for the state, or no memory for it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _code_for(error: NitroLesionError) -> str:
+    """The per-image error code for a worker's failure."""
+    if isinstance(error, Busy):
+        return ErrorCode.BUSY
+    return ErrorCode.BAD_IMAGE if isinstance(error, ImageError) else ErrorCode.INTERNAL
+
+
+def _release(reservation: Reservation | None) -> None:
+    if reservation is not None:
+        reservation.release()
 
 
 class WorkerPool:
     """``workers`` threads, each with its own interpreter, fed by one bounded queue."""
 
     def __init__(self, model: LesionModel, workers: int, queue_size: int,
-                 max_bytes: int, max_pixels: int) -> None:
+                 max_bytes: int, max_pixels: int, budget: MemoryBudget) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._max = (max_bytes, max_pixels)
+        self._budget = budget
+        self._input_size = model.input_size
         self._threads = []
         for index in range(workers):
             classifier = model.new_classifier(num_threads=1)
@@ -127,10 +154,11 @@ class WorkerPool:
                 return
             image, done = job
             try:
-                prediction = classifier.classify(image, max_bytes=self._max[0],
-                                                 max_pixels=self._max[1])
+                with self._reserve_decode(image):
+                    prediction = classifier.classify(image, max_bytes=self._max[0],
+                                                     max_pixels=self._max[1])
                 error = None
-            except ImageError as exc:
+            except (ImageError, Busy) as exc:
                 prediction, error = None, exc
             except Exception as exc:  # a bug must not kill the worker; details stay here
                 log.exception("worker failed on a job")
@@ -139,6 +167,21 @@ class WorkerPool:
                 done(prediction, error)
             except Exception:
                 log.exception("result delivery failed")
+
+    def _reserve_decode(self, image: bytes) -> Reservation:
+        """Memory for the pixels ``image`` decodes to, from its header, before decoding.
+
+        Raises ImageError when the image is not one we accept or could never fit
+        (BAD_IMAGE), Busy when it would fit but the budget is in use right now."""
+        need = decoded_bytes_estimate(image, self._input_size, max_bytes=self._max[0],
+                                      max_pixels=self._max[1])
+        if need > self._budget.limit:
+            raise ImageError(f"the image would decode to {need / MIB:.0f} MiB, more than the "
+                             f"enclave's {self._budget.limit / MIB:.0f} MiB budget")
+        reservation = self._budget.try_reserve(need)
+        if reservation is None:
+            raise Busy(f"no memory to decode a {need / MIB:.0f} MiB image right now; try again shortly")
+        return reservation
 
     def close(self) -> None:
         """Finish queued jobs, then stop the workers."""
@@ -259,15 +302,15 @@ class EnclaveService:
         self._private_key = generate_keypair()
         self.keygen_seconds = time.perf_counter() - started
         self.public_key = public_key_der(self._private_key)
+        self.budget = MemoryBudget(config.memory_budget)
         self.pool = WorkerPool(model, config.workers, config.queue_size,
-                               config.max_image_bytes, config.max_image_pixels)
+                               config.max_image_bytes, config.max_image_pixels, self.budget)
         self._stopping = threading.Event()
         self.parent = ParentLink(config, self._announcement, self._stopping)
         self._slots = threading.BoundedSemaphore(config.max_connections)
-        self._seen_requests: OrderedDict[bytes, None] = OrderedDict()
-        self._seen_lock = threading.Lock()
         self._handlers: set[threading.Thread] = set()
         self._connections: set[FramedConnection] = set()
+        self._live: set[ConnectionHandler] = set()
         self._conn_lock = threading.Lock()
         self._listener: object | None = None
         self._served = itertools.count(1)
@@ -277,6 +320,14 @@ class EnclaveService:
     # -- attestation -------------------------------------------------------------------
     def _announcement(self) -> EnclaveAnnounce:
         return EnclaveAnnounce(self.public_key, self._attestor.attest(public_key=self.public_key))
+
+    def attest(self, nonce: bytes, user_data: bytes) -> bytes:
+        """An attestation document over our public key, the client's nonce and our random value."""
+        return self._attestor.attest(public_key=self.public_key, nonce=nonce, user_data=user_data)
+
+    def new_protocol_session(self) -> EnclaveSession:
+        """The protocol state machine for one new client connection (holds our key)."""
+        return EnclaveSession(self._private_key, self.public_key)
 
     # -- lifecycle ---------------------------------------------------------------------
     def bind(self) -> None:
@@ -296,7 +347,8 @@ class EnclaveService:
                 connection = accept(self._listener, timeout=0.5)
             except TransportError:
                 continue  # accept timeout: re-check the stop flag
-            if not self._slots.acquire(blocking=False):
+            if not self._slots.acquire(blocking=False) and not (
+                    self._evict_idle() and self._slots.acquire(timeout=EVICTION_WAIT)):
                 self._refuse(connection)
                 continue
             thread = threading.Thread(target=self._handle, args=(connection,), daemon=True,
@@ -315,6 +367,18 @@ class EnclaveService:
         with self._conn_lock:
             for connection in self._connections:
                 connection.shutdown_read()  # reader sees EOF; answers can still be sent
+
+    def _evict_idle(self) -> bool:
+        """All slots are taken: close the connection idle longest (past the grace), if any."""
+        now = time.monotonic()
+        with self._conn_lock:
+            idle = [(h.idle_since, h) for h in self._live
+                    if h.idle_since is not None and now - h.idle_since >= IDLE_EVICTION_GRACE]
+        if not idle:
+            return False
+        _, handler = min(idle, key=lambda item: item[0])
+        handler.evict(len(self._live))
+        return True
 
     def _drain(self) -> None:
         if self._listener is not None:
@@ -335,7 +399,8 @@ class EnclaveService:
             pass
         connection.close()
 
-    def _finished_one(self) -> None:
+    def finished_one(self) -> None:
+        """One request is done; with --once that ends the service."""
         self.count_served()
         if self.config.once:
             self.shutdown()
@@ -347,12 +412,15 @@ class EnclaveService:
         if self._stopping.is_set():  # accepted just as shutdown began: serve nothing new
             connection.shutdown_read()
         handler = ConnectionHandler(self, connection)
+        with self._conn_lock:
+            self._live.add(handler)
         try:
             handler.run()
         finally:
             handler.wait_idle()
             connection.close()
             with self._conn_lock:
+                self._live.discard(handler)
                 self._connections.discard(connection)
                 self._handlers.discard(threading.current_thread())
             self._slots.release()
@@ -361,37 +429,54 @@ class EnclaveService:
         """Thread-safe: workers of several connections finish requests at once."""
         self.served = next(self._served)
 
-    def remember_request(self, request_id: bytes) -> bool:
-        """False if this request id was seen before (a replay)."""
-        with self._seen_lock:
-            if request_id in self._seen_requests:
-                return False
-            self._seen_requests[request_id] = None
-            if len(self._seen_requests) > REPLAY_CACHE_SIZE:
-                self._seen_requests.popitem(last=False)
-            return True
-
 
 class ConnectionHandler:
-    """The protocol state machine for one client connection."""
+    """Moves one client connection's frames between the socket and its EnclaveSession.
+
+    The protocol (what may come when, keys, counters) lives in nitrolesion.protocol; this
+    class only reads frames, hands images to the worker pool and writes answers.
+    """
 
     def __init__(self, service: EnclaveService, connection: FramedConnection) -> None:
         self.service = service
         self.connection = connection
-        self.state = "new"
-        self.cipher: SessionCipher | None = None
+        self.session = service.new_protocol_session()
         self._send_lock = threading.Lock()
         self._window = threading.BoundedSemaphore(SESSION_WINDOW)
         self._in_flight = 0
         self._idle = threading.Condition()
+        #: monotonic time since which this connection waits for a frame with nothing in
+        #: flight (None while a frame is arriving or requests are being worked on).
+        self.idle_since: float | None = None
+        self._evicted_among: int | None = None
 
-    def send(self, message: Message) -> None:
+    def evict(self, connections: int) -> None:
+        """Close this idle connection to make room (called from the accept loop)."""
+        self._evicted_among = connections
+        self.idle_since = None
+        self.connection.shutdown_read()
+
+    def _admit(self, length: int) -> Reservation:
+        """Memory for a frame of ``length`` bytes, reserved before its body is read."""
+        self.idle_since = None
+        if length > self.session.largest_frame():
+            raise FrameRefused(ErrorCode.BAD_FRAME, f"a frame of {length} bytes is not allowed "
+                               f"in state {self.session.state.value} (at most "
+                               f"{self.session.largest_frame()}: only an attested connection "
+                               "may send an image)")
+        reservation = self.service.budget.try_reserve(FRAME_COPIES * length)
+        if reservation is None:
+            raise FrameRefused(ErrorCode.BUSY, f"no memory for a {length / MIB:.1f} MiB frame right "
+                               "now; try again shortly")
+        return reservation
+
+    def send(self, frame: Frame) -> None:
         with self._send_lock:
-            self.connection.send(message.TYPE, message.to_body(), timeout=SEND_TIMEOUT)
+            self.connection.send_frame(frame, timeout=SEND_TIMEOUT)
 
     def send_error(self, code: str, text: str) -> None:
         try:
-            self.send(ErrorMessage.bounded(code, text))
+            self.send(error_frame(code, text))
         except NitroLesionError:
             pass
 
@@ -406,10 +491,21 @@ class ConnectionHandler:
         config = self.service.config
         while True:
             # The first frame (HELLO) is tiny and due at once; later frames may carry images.
-            timeout = config.handshake_timeout if self.state == "new" else config.io_timeout
+            timeout = config.handshake_timeout if self.session.state is State.IDLE else config.io_timeout
+            held: list[Reservation] = []
+            with self._idle:
+                if not self._in_flight:
+                    self.idle_since = time.monotonic()
             try:
-                frame = self.connection.receive(timeout=timeout)
+                frame = self.connection.receive(
+                    timeout=timeout, admit=lambda length: held.append(self._admit(length)))
+            except FrameRefused as exc:
+                self.send_error(exc.code, str(exc))
+                return
             except ConnectionClosed:
+                if self._evicted_among is not None:
+                    self.send_error(ErrorCode.TIMEOUT, "closed after waiting idle while all "
+                                    f"{self._evicted_among} connection slots were taken")
                 return
             except ProtocolError as exc:
                 self.send_error(ErrorCode.BAD_FRAME, str(exc))
@@ -419,13 +515,18 @@ class ConnectionHandler:
                 return
             except TransportError:
                 return  # reset or closed mid-frame: nobody to answer
+            finally:
+                self.idle_since = None
+            reservation = held[0] if held else None
             try:
-                message = decode_message(frame)
-            except ProtocolError as exc:
-                self.send_error(ErrorCode.BAD_MESSAGE, str(exc))
+                event = self.session.receive(frame)
+            except NitroLesionError as exc:  # the session is closed for good: say why, end
+                self.send_error(error_code(exc), str(exc))
+                _release(reservation)
                 return
+            del frame  # the body's copy is counted in the reservation; drop it now
             try:
-                if not self.dispatch(message):
+                if not self.dispatch(event, reservation):
                     return
             except TransportError:
                 return
@@ -433,49 +534,33 @@ class ConnectionHandler:
                 log.exception("request handling failed")
                 self.send_error(ErrorCode.INTERNAL, "internal error; see the enclave log")
                 return
+            finally:
+                if not isinstance(event, (ImageReceived, OneShotReceived)):
+                    _release(reservation)
 
-    def dispatch(self, message: Message) -> bool:
-        """Handle one message; False ends the connection."""
-        if isinstance(message, Goodbye):
-            return False
-        if isinstance(message, Hello) and self.state == "new":
-            document = self.service._attestor.attest(public_key=self.service.public_key,
-                                                     nonce=message.nonce)
-            self.send(Attestation(self.service.public_key, document))
-            self.state = "attested"
+    def dispatch(self, event, reservation: Reservation | None = None) -> bool:
+        """Act on one protocol event; False ends the connection. An image request takes
+        over ``reservation`` (the memory of its frame) and releases it when answered."""
+        if isinstance(event, AttestationRequested):
+            self.send(self.session.attestation(self.service.attest(event.nonce, event.user_data)))
             return True
-        if isinstance(message, SealedRequest) and self.state == "attested":
-            return self.one_shot(message)
-        if isinstance(message, SessionOpen) and self.state == "attested":
+        if isinstance(event, SessionOpened):
+            self.send(event.reply)
+            return True
+        if isinstance(event, ImageReceived):
+            return self.session_request(event, reservation)
+        if isinstance(event, BadRequest):
+            self.send_result(ResultPayload(event.request, error=(ErrorCode.BAD_MESSAGE, event.message)))
+            return True
+        if isinstance(event, OneShotReceived):
             try:
-                key = unwrap_session_key(self.service._private_key, message.wrapped_key,
-                                         message.session_id)
-            except CryptoError as exc:
-                self.send_error(ErrorCode.DECRYPT_FAILED, str(exc))
-                return False
-            self.cipher = SessionCipher(key, message.session_id, "enclave")
-            self.state = "session"
-            self.send(SessionReady(message.session_id))
-            return True
-        if isinstance(message, SessionClassify) and self.state == "session":
-            return self.session_request(message)
-        self.send_error(ErrorCode.UNEXPECTED,
-                        f"{message.TYPE.name} is not expected in state {self.state}")
-        return False
+                return self.one_shot(event)
+            finally:
+                _release(reservation)
+        return False  # Closed (GOODBYE) or PeerError: the client is done
 
     # -- one-shot requests (parent.py client) ------------------------------------------
-    def one_shot(self, request: SealedRequest) -> bool:
-        aad = sealed_request_aad(request.request_id, request.parent_public_key)
-        try:
-            parent_key = load_public_key(request.parent_public_key)
-            image = open_envelope(self.service._private_key,
-                                  Envelope(request.wrapped_key, request.nonce, request.ciphertext), aad)
-        except CryptoError as exc:
-            self.send_error(ErrorCode.DECRYPT_FAILED, str(exc))
-            return True
-        if not self.service.remember_request(request.request_id):
-            self.send_error(ErrorCode.REPLAY, "this request id was already used")
-            return True
+    def one_shot(self, request: OneShotReceived) -> bool:
         finished = threading.Event()
         outcome: dict = {}
 
@@ -484,82 +569,69 @@ class ConnectionHandler:
             finished.set()
 
         try:
-            self.service.pool.submit(image, done)
+            self.service.pool.submit(request.image, done)
         except Busy as exc:
             self.send_error(ErrorCode.BUSY, str(exc))
             return True
         finished.wait()
+        if isinstance(outcome["error"], Busy):
+            self.send_error(ErrorCode.BUSY, str(outcome["error"]))
+            return True
         if outcome["error"] is not None:
-            code = ErrorCode.BAD_IMAGE if isinstance(outcome["error"], ImageError) else ErrorCode.INTERNAL
-            self.send_error(code, str(outcome["error"]))
+            # This answer travels in clear: say what kind of failure, never the image's
+            # dimensions or format (the parent server's host reads it).
+            if isinstance(outcome["error"], ImageError):
+                self.send_error(ErrorCode.BAD_IMAGE, "the enclave could not classify this image "
+                                "(not an accepted format, corrupt, or over its size limits)")
+            else:
+                self.send_error(ErrorCode.INTERNAL, "internal error while classifying")
             return True
         plaintext = cbor2.dumps(prediction_payload(outcome["prediction"]))
-        sealed = seal(parent_key, plaintext, request_aad(MessageType.SEALED_RESULT, request.request_id))
         try:
-            self.service.parent.send_result(SealedResult(request.request_id, sealed.wrapped_key,
-                                                         sealed.nonce, sealed.ciphertext))
+            issued_at_ms = int(time.time() * 1000)
+            self.service.parent.send_result(self.session.one_shot_result(request, plaintext, issued_at_ms))
         except NitroLesionError as exc:
             self.send_error(ErrorCode.UNAVAILABLE, f"could not deliver the result to the parent: {exc}")
             return True
-        log.info("one-shot request classified and delivered (%d bytes in)", len(image))
-        self.send(Accepted(request.request_id))
-        self.service._finished_one()
+        log.info("one-shot request classified and delivered (%d bytes in)", len(request.image))
+        self.send(self.session.accepted(request.request_id))
+        self.service.finished_one()
         return True
 
     # -- sessions (parent.py classify) -------------------------------------------------
-    def session_request(self, request: SessionClassify) -> bool:
-        try:
-            plaintext = self.cipher.open(MessageType.SESSION_CLASSIFY, request.counter,
-                                         request.ciphertext)
-        except (ReplayError, ReorderError) as exc:
-            self.send_error(ErrorCode.REPLAY, str(exc))
-            return False  # the stream can no longer be trusted
-        except CryptoError as exc:
-            self.send_error(ErrorCode.DECRYPT_FAILED, str(exc))
-            return False
-        try:
-            body = loads_plain(plaintext)  # authenticated, but any client can open a session
-            image = body["image"]
-            if not isinstance(image, bytes):
-                raise TypeError
-        except Exception:
-            self.send_sealed(request.counter, {"error": {"code": ErrorCode.BAD_MESSAGE,
-                                                         "message": "expected {'image': bytes}"}})
-            return True
+    def session_request(self, request: ImageReceived, reservation: Reservation | None) -> bool:
         self._window.acquire()  # backpressure: stop reading while SESSION_WINDOW are queued
         with self._idle:
             self._in_flight += 1
 
         def done(prediction, error):
+            _release(reservation)
             try:
                 if error is None:
-                    result = {"result": prediction_payload(prediction)}
+                    payload = ResultPayload(request.request, prediction=prediction_payload(prediction))
                 else:
-                    code = ErrorCode.BAD_IMAGE if isinstance(error, ImageError) else ErrorCode.INTERNAL
-                    result = {"error": {"code": code, "message": str(error)}}
-                self.send_sealed(request.counter, result)
+                    payload = ResultPayload(request.request, error=(_code_for(error), str(error)))
+                self.send_result(payload)
             finally:
                 self._release()
 
         try:
-            self.service.pool.submit(image, done)
+            self.service.pool.submit(request.image, done)
         except Busy as exc:
+            _release(reservation)
             self._release()
-            self.send_sealed(request.counter, {"error": {"code": ErrorCode.BUSY, "message": str(exc)}})
+            self.send_result(ResultPayload(request.request, error=(ErrorCode.BUSY, str(exc))))
         return True
 
-    def send_sealed(self, request_counter: int, payload: dict) -> None:
+    def send_result(self, payload: ResultPayload) -> None:
         """Seal a per-image result (or per-image error) under the session key and send it."""
-        payload = {"request": request_counter, **payload}
         try:
             with self._send_lock:
-                counter, ciphertext = self.cipher.seal(MessageType.SESSION_RESULT, cbor2.dumps(payload))
-                self.connection.send(MessageType.SESSION_RESULT,
-                                     SessionResult(counter, ciphertext).to_body(),
-                                     timeout=SEND_TIMEOUT)
+                frame = self.session.result(payload)
+                self.connection.send_frame(frame, timeout=SEND_TIMEOUT)
         except NitroLesionError:
             pass  # the client went away; the worker is free again either way
-        if "result" in payload:
+        if payload.prediction is not None:
             self.service.count_served()
 
     def _release(self) -> None:
@@ -573,5 +645,5 @@ class ConnectionHandler:
         with self._idle:
             while self._in_flight:
                 self._idle.wait()
-        if self.state == "session" and self.service.config.once:
-            self.service._finished_one()
+        if self.session.session_open and self.service.config.once:
+            self.service.finished_one()

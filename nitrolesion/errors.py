@@ -7,7 +7,8 @@
     │   ├── FrameTooLarge            a declared length over the limit
     │   ├── BadMagic                 the header does not start with b"NL"
     │   ├── UnsupportedVersion       the header carries another protocol version
-    │   └── UnknownMessageType       the header names a message type we do not know
+    │   ├── UnknownMessageType       the header names a message type we do not know
+    │   └── UnexpectedMessage        a valid message at the wrong point of the flow
     ├── LocalProtocolError           (also a ValueError) the caller misused the wire API
     ├── CryptoError                  a ciphertext did not authenticate / a key is unusable
     │   ├── ReplayError              a session message arrived with an already-used counter
@@ -55,6 +56,10 @@ class UnsupportedVersion(ProtocolError):
 
 class UnknownMessageType(ProtocolError):
     """A frame header carried a message type byte that is not a known MessageType."""
+
+
+class UnexpectedMessage(ProtocolError):
+    """A well-formed message that the protocol does not allow at this point of the flow."""
 
 
 class LocalProtocolError(NitroLesionError, ValueError):

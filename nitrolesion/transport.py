@@ -376,8 +376,18 @@ class FramedConnection:
             self._send_broken = True
             raise TransportError(f"send to {self._peer} failed: {exc.strerror or exc}") from exc
 
-    def receive(self, *, timeout: float | None | _Default = _DEFAULT) -> Frame:
+    def send_frame(self, frame: Frame, *, timeout: float | None | _Default = _DEFAULT) -> None:
+        """``send(frame.type, frame.body)``: write a frame a protocol state machine made."""
+        self.send(frame.type, frame.body, timeout=timeout)
+
+    def receive(self, *, timeout: float | None | _Default = _DEFAULT,
+                admit: Callable[[int], None] | None = None) -> Frame:
         """Read until one whole frame has arrived and return it.
+
+        ``admit(length)``, if given, is called once per frame as soon as its header has
+        arrived, before more of its body is read than one socket read brought along (at
+        most RECV_CHUNK): it may raise to refuse the frame, e.g. when no memory is left for
+        it. The exception propagates and the rest of the frame is never read.
 
         Raises ConnectionClosed (a TransportError) on a clean EOF at a frame boundary;
         TransportError on EOF mid-frame, a socket error, or no complete frame within the
@@ -390,7 +400,11 @@ class FramedConnection:
         budget = self._budget(timeout)
         deadline = None if budget is None else self._clock() + budget
         decoder = self._decoder
+        admitted = admit is None
         while True:
+            if not admitted and (length := decoder.pending_length) is not None:
+                admit(length)
+                admitted = True
             frame = decoder.next_frame()
             if frame is not None:
                 return frame

@@ -100,7 +100,9 @@ def write_results(path: Path, rows: list[dict], summary: dict) -> None:
         raise
 
 
-def run_classify(args, trust) -> int:
+def run_classify(args, make_trust) -> int:
+    """``make_trust()`` is called once the arguments are known to be usable, so a typo is
+    a usage error (exit 2) even where no policy is configured yet."""
     from parent.parent import UsageError, key_dir_of, pcr_lines, transport_of  # noqa: F401
 
     paths = expand_images(args.images)
@@ -112,6 +114,7 @@ def run_classify(args, trust) -> int:
         raise UsageError("--window must be at least 1")
     if args.out and (problem := check_output_path(args.out)):
         raise UsageError(problem)
+    trust = make_trust()
     endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
     rows: list[dict | None] = [None] * len(paths)
     started = time.perf_counter()

@@ -19,9 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+from nitrolesion.attestation.dev_authority import (
+    DEV_POLICY_FILE, ROOT_CERT_FILE, DevAttestationAuthority)
+from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.attestation.trust import load_pem_roots
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
-from nitrolesion.enclave_image import PROJECT_ROOT
+from nitrolesion.enclave_image import PROJECT_ROOT, image_files
 from nitrolesion.transport import Endpoint, free_tcp_port
 from parent.enclave_client import EnclaveClient, Trust
 from parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
@@ -78,7 +82,7 @@ def wait_for(events: "queue.Queue[ServerEvent]", kind: str, timeout: float,
             continue
         if event.kind == kind:
             return event
-        if event.kind == "error":
+        if event.kind in ("error", "refused"):
             raise RuntimeError(event.text)
     raise RuntimeError(f"timed out after {timeout:g} s waiting for the server's '{kind}' event")
 
@@ -110,19 +114,27 @@ def run_demo(args) -> int:
             sys.stdout.flush()
             events.put(event)
 
-        step(f"parent server on tcp:127.0.0.1:{parent_port} (stands for vsock port 5006)")
-        server = ParentServer(Endpoint("tcp", 3, parent_port), parent_key, state / "parent", on_event)
+        dev_dir = state / "dev-authority"
+        step(f"development attestation authority in {dev_dir} (stands for the AWS Nitro PKI); "
+             "PCRs measured here from enclave/, nitrolesion/ and the model")
+        DevAttestationAuthority.load_or_create(dev_dir, image_files(PROJECT_ROOT), base=PROJECT_ROOT)
+        step(f"parent server on tcp:127.0.0.1:{parent_port} (stands for vsock port 5006); "
+             "it believes only an announcement attested with those PCRs")
+        server = ParentServer(Endpoint("tcp", 3, parent_port), parent_key, state / "parent", on_event,
+                              trust=Trust.for_dev_enclave(dev_dir))
         server.bind()
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
         step(f"enclave app as a separate process on tcp:127.0.0.1:{client_port} "
              "(stands for CID 16 port 5005), development attestation authority")
-        enclave = EnclaveProcess(client_port, parent_port, state / "dev-authority")
+        enclave = EnclaveProcess(client_port, parent_port, dev_dir)
         announced = wait_for(events, "key", BOOT_TIMEOUT, enclave)
 
-        trust = Trust.for_dev_enclave(state / "dev-authority")
-        step("client: fresh nonce -> attestation document; verifying chain to the dev root, "
-             "signature, nonce and PCRs measured here from enclave/, nitrolesion/ and the model")
+        # What a local user runs: --dev-root DIR/dev_root.pem --policy DIR/policy.json.
+        trust = Trust(AttestationPolicy.from_json_file(dev_dir / DEV_POLICY_FILE),
+                      load_pem_roots(dev_dir / ROOT_CERT_FILE))
+        step(f"client: fresh nonce -> attestation document; verifying chain to the dev root, "
+             f"signature, nonce and the PCRs of {dev_dir / DEV_POLICY_FILE}")
         endpoint = Endpoint("tcp", 16, client_port)
         with EnclaveClient(endpoint, trust) as client:
             result = client.attest(expected_key=announced.data["public_key"])

@@ -8,15 +8,14 @@ host on trust.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import cbor2
 from cryptography import x509
 
 from nitrolesion.attestation.dev_authority import ROOT_CERT_FILE, dev_pcrs, measure_files
@@ -24,20 +23,14 @@ from nitrolesion.attestation.errors import PublicKeyMismatch
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import aws_nitro_root, load_pem_roots
 from nitrolesion.attestation.verifier import AttestationResult, check_public_key, verify_attestation
-from nitrolesion.crypto.envelope import (
-    load_public_key, new_request_id, public_key_der, seal, sealed_request_aad)
-from nitrolesion.crypto.keywrap import wrap_session_key
-from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_key
 from nitrolesion.enclave_image import PROJECT_ROOT, image_files
-from nitrolesion.errors import ProtocolError, RemoteError
+from nitrolesion.errors import ConnectionClosed, ProtocolError, RemoteError
+from nitrolesion.protocol import (
+    AttestationReceived, ClientSession, Closed, OneShotAccepted, PeerError, ResultReceived,
+    SessionEstablished, State)
 from nitrolesion.transport import Endpoint, FramedConnection, connect
-from nitrolesion.wire.frames import MessageType
-from nitrolesion.wire.messages import (
-    Accepted, Attestation, ErrorMessage, Goodbye, Hello, Message, SealedRequest, SessionClassify,
-    SessionOpen, SessionReady, SessionResult, decode_message)
-
-#: Bytes of the client's attestation nonce: 256 bits, never repeated in practice.
-NONCE_SIZE = 32
+from nitrolesion.wire.frames import Frame
+from nitrolesion.wire.messages import Attestation, EnclaveAnnounce, ErrorCode
 #: Seconds to wait for any single answer from the enclave (a classification takes ~20 ms;
 #: the slack covers a busy enclave and a 20 MiB upload).
 DEFAULT_TIMEOUT = 60.0
@@ -46,6 +39,9 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_WINDOW = 4
 #: Times one image is re-sent after a BUSY answer before it is reported as failed.
 BUSY_RETRIES = 8
+#: An enclave announces right after it attested at connect time; an older announcement is
+#: a replay of a recorded one, refused even when the policy sets no max_age.
+ANNOUNCE_MAX_AGE = timedelta(minutes=5)
 
 
 @dataclass
@@ -65,6 +61,19 @@ class Trust:
         return cls(AttestationPolicy.for_dev_pcrs(pcrs),
                    load_pem_roots(Path(dev_state_dir) / ROOT_CERT_FILE))
 
+    def verify_announcement(self, message: EnclaveAnnounce) -> AttestationResult:
+        """Verify an ENCLAVE_ANNOUNCE (no nonce: it is the enclave's boot message) and that
+        the announced key is the attested one; its age is bounded by the policy's max_age or
+        ANNOUNCE_MAX_AGE. Raises an AttestationError subclass on any failure."""
+        policy = self.policy
+        if policy.max_age is None or policy.max_age > ANNOUNCE_MAX_AGE:
+            policy = dataclasses.replace(policy, max_age=ANNOUNCE_MAX_AGE)
+        result = verify_attestation(message.attestation, now=self.clock(), policy=policy,
+                                    expected_nonce=None,
+                                    trusted_roots=[aws_nitro_root(), *self.extra_roots])
+        check_public_key(result, message.public_key)
+        return result
+
     def verify(self, message: Attestation, nonce: bytes, expected_key: bytes | None = None) -> AttestationResult:
         """Verify an ATTESTATION answer; raises an AttestationError subclass on any failure.
 
@@ -82,18 +91,10 @@ class Trust:
         return result
 
 
-def _expect(connection: FramedConnection, kind: type, timeout: float) -> Message:
-    message = decode_message(connection.receive(timeout=timeout))
-    if isinstance(message, ErrorMessage):
-        raise RemoteError(message.code, message.message)
-    if not isinstance(message, kind):
-        raise ProtocolError(f"expected {kind.__name__}, got {type(message).__name__}")
-    return message
-
-
 @dataclass
 class ImageOutcome:
-    """The answer for one image of a session: ``result`` dict or ``error`` (code, message)."""
+    """The answer for one image of a session: ``result`` (a prediction dict) or ``error``
+    ``(code, message)``."""
 
     index: int
     result: dict | None = None
@@ -101,13 +102,15 @@ class ImageOutcome:
 
 
 class EnclaveClient:
-    """One connection to the enclave's client port."""
+    """One connection to the enclave's client port: moves frames between the socket and
+    the protocol state machine (nitrolesion.protocol.ClientSession), verifies attestation."""
 
     def __init__(self, endpoint: Endpoint, trust: Trust, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.endpoint = endpoint
         self.trust = trust
         self.timeout = timeout
         self.connection: FramedConnection | None = None
+        self.session: ClientSession | None = None
         self.attestation: AttestationResult | None = None
 
     def __enter__(self) -> "EnclaveClient":
@@ -118,53 +121,57 @@ class EnclaveClient:
 
     def close(self) -> None:
         if self.connection is not None:
-            try:
-                self.connection.send(Goodbye.TYPE, Goodbye().to_body(), timeout=1.0)
-            except Exception:
-                pass
+            if self.session is not None and self.session.state is not State.CLOSED:
+                try:
+                    self._send(self.session.goodbye(), timeout=1.0)
+                except Exception:
+                    pass
             self.connection.close()
             self.connection = None
+
+    def _send(self, frame: Frame, timeout: float | None = None) -> None:
+        self.connection.send_frame(frame, timeout=self.timeout if timeout is None else timeout)
+
+    def _next_event(self, kind: type):
+        """The protocol event for the next frame; an ERROR becomes RemoteError."""
+        event = self.session.receive(self.connection.receive(timeout=self.timeout))
+        if isinstance(event, PeerError):
+            raise RemoteError(event.code, event.message)
+        if isinstance(event, Closed):
+            raise ConnectionClosed("the enclave closed the session")
+        if not isinstance(event, kind):  # cannot happen: the state machine allows one kind
+            raise ProtocolError(f"expected {kind.__name__}, got {type(event).__name__}")
+        return event
 
     def attest(self, expected_key: bytes | None = None) -> AttestationResult:
         """Connect, send HELLO with a fresh nonce and verify the ATTESTATION answer."""
         self.connection = connect(self.endpoint, timeout=self.timeout)
-        nonce = os.urandom(NONCE_SIZE)
-        self.connection.send(MessageType.HELLO, Hello(nonce).to_body())
-        message = _expect(self.connection, Attestation, self.timeout)
-        self.attestation = self.trust.verify(message, nonce, expected_key)
-        return self.attestation
+        self.session = ClientSession()
+        self._send(self.session.hello())
+        offered = self._next_event(AttestationReceived)
+        result = self.trust.verify(Attestation(offered.public_key, offered.document), offered.nonce,
+                                   expected_key)
+        self.session.attestation_verified(result)
+        self.attestation = result
+        return result
 
     # -- one-shot: the result goes to the parent server ----------------------------------
     def send_one_shot(self, image: bytes, parent_public_key_der: bytes) -> tuple[bytes, int]:
         """Seal ``image`` to the attested key; the enclave delivers the result to the parent.
 
-        Returns (request_id, ciphertext bytes sent). Raises RemoteError if the enclave
-        answers with an ERROR frame (e.g. BAD_IMAGE).
+        Returns (request_id, bytes sent). Raises RemoteError if the enclave answers with an
+        ERROR frame (e.g. BAD_IMAGE).
         """
-        assert self.connection is not None and self.attestation is not None, "attest() first"
-        enclave_key = load_public_key(self.attestation.public_key)
-        request_id = new_request_id()
-        sealed = seal(enclave_key, image, sealed_request_aad(request_id, parent_public_key_der))
-        request = SealedRequest(request_id, parent_public_key_der, sealed.wrapped_key,
-                                sealed.nonce, sealed.ciphertext)
-        self.connection.send(request.TYPE, request.to_body())
-        accepted = _expect(self.connection, Accepted, self.timeout)
-        if accepted.request_id != request_id:
-            raise ProtocolError("the enclave acknowledged a different request id")
-        return request_id, len(sealed.ciphertext) + len(sealed.wrapped_key) + len(sealed.nonce)
+        request_id, frame = self.session.one_shot(image, parent_public_key_der)
+        self._send(frame)
+        self._next_event(OneShotAccepted)
+        return request_id, len(frame.body)
 
     # -- sessions: many images, results on this connection -------------------------------
-    def open_session(self) -> SessionCipher:
-        """Send a fresh session key wrapped to the attested key; returns the client cipher."""
-        assert self.connection is not None and self.attestation is not None, "attest() first"
-        key, session_id = new_session_key(), new_session_id()
-        wrapped = wrap_session_key(load_public_key(self.attestation.public_key), key, session_id)
-        self.connection.send(MessageType.SESSION_OPEN, SessionOpen(session_id, wrapped).to_body())
-        ready = _expect(self.connection, SessionReady, self.timeout)
-        if ready.session_id != session_id:
-            raise ProtocolError("the enclave confirmed a different session id")
-        self.cipher = SessionCipher(key, session_id, "client")
-        return self.cipher
+    def open_session(self) -> None:
+        """SESSION_OPEN to the attested key; returns once the enclave confirmed the keys."""
+        self._send(self.session.open_session())
+        self._next_event(SessionEstablished)
 
     def classify_many(self, images: Iterable[bytes | Exception],
                       window: int = DEFAULT_WINDOW) -> Iterator[ImageOutcome]:
@@ -174,17 +181,14 @@ class EnclaveClient:
         errors for that index without being sent, with the exception's ``code`` attribute
         (default ``UNREADABLE``). Outcomes are yielded as they arrive.
         """
-        connection, cipher = self.connection, self.cipher
         pending: dict[int, tuple[int, bytes, int]] = {}  # counter -> (index, image, attempt)
         ready: deque = deque()
         iterator = enumerate(images)
         exhausted = False
 
         def send(index: int, image: bytes, attempt: int) -> None:
-            counter, ciphertext = cipher.seal(MessageType.SESSION_CLASSIFY,
-                                              cbor2.dumps({"image": image}))
-            connection.send(MessageType.SESSION_CLASSIFY,
-                            SessionClassify(counter, ciphertext).to_body())
+            counter, frame = self.session.classify(image)
+            self._send(frame)
             pending[counter] = (index, image, attempt)
 
         while True:
@@ -205,21 +209,14 @@ class EnclaveClient:
                 if exhausted:
                     return
                 continue
-            message = _expect(connection, SessionResult, self.timeout)
-            payload = cbor2.loads(cipher.open(MessageType.SESSION_RESULT, message.counter,
-                                              message.ciphertext))
-            index, image, attempt = pending.pop(payload["request"])
-            if "result" in payload:
-                yield ImageOutcome(index, result=payload["result"])
+            payload = self._next_event(ResultReceived).payload
+            index, image, attempt = pending.pop(payload.request)
+            if payload.prediction is not None:
+                yield ImageOutcome(index, result=payload.prediction)
                 continue
-            code, text = payload["error"]["code"], payload["error"]["message"]
-            if code == "BUSY" and attempt < BUSY_RETRIES:
+            code, text = payload.error
+            if code == ErrorCode.BUSY and attempt < BUSY_RETRIES:
                 time.sleep(min(0.05 * 2 ** attempt, 2.0))  # back off, then try again
                 send(index, image, attempt + 1)
             else:
                 yield ImageOutcome(index, error=(code, text))
-
-
-def own_public_key_der(private_key) -> bytes:
-    """SubjectPublicKeyInfo DER of the parent's key (what the enclave seals results to)."""
-    return public_key_der(private_key)

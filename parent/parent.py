@@ -1,5 +1,6 @@
 """Parent-side command line: relay ciphertext to and from the skin-lesion enclave.
 
+    python parent/parent.py trust measurements.json     once: pin the enclave image's PCRs
     python parent/parent.py server 5006                 listen for the enclave's key and results
     python parent/parent.py client 16 5005 [--image P]  attest the enclave, send one sealed image
     python parent/parent.py classify IMAGE|DIR... [--out results.csv|.json] [--json]
@@ -8,11 +9,17 @@
 
 Set ENCLAVE_TRANSPORT=tcp (or --transport tcp) on machines without Nitro Enclaves: CIDs
 then map to 127.0.0.1 (--host to change).
+
+Trust fails closed: server, client and classify send nothing to (and believe nothing from)
+an enclave unless a PCR policy pins its image: --policy FILE, or the policy that
+`parent.py trust FILE` installed in the key folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import threading
 from datetime import timedelta
@@ -28,9 +35,12 @@ elif str(ROOT) not in sys.path:
 from nitrolesion.attestation.errors import AttestationError, InvalidPolicy  # noqa: E402
 from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
 from nitrolesion.crypto.envelope import fingerprint, public_key_der  # noqa: E402
-from nitrolesion.crypto.keystore import ParentKeyStore, default_key_dir  # noqa: E402
+from nitrolesion.crypto.keystore import (  # noqa: E402
+    ParentKeyStore, check_private_folder, default_key_dir, ensure_private_folder,
+    write_private_file)
 from nitrolesion.errors import NitroLesionError, RemoteError  # noqa: E402
 from nitrolesion.transport import TRANSPORTS, Endpoint, default_transport  # noqa: E402
+from nitrolesion.wire.messages import printable  # noqa: E402
 
 #: CID the enclave runs at in the README's nitro-cli command, and its client port.
 DEFAULT_ENCLAVE_CID = 16
@@ -40,8 +50,16 @@ DEFAULT_ENCLAVE_PORT = 5005
 DEFAULT_MAX_AGE = timedelta(minutes=5)
 
 
+#: The policy `parent.py trust FILE` installs in the key folder; used when --policy is absent.
+POLICY_FILE = "policy.json"
+
+
 class UsageError(Exception):
     """Bad arguments: exit status 2."""
+
+
+class NoPolicy(NitroLesionError):
+    """No PCR policy is configured: refuse to trust any enclave (exit status 1)."""
 
 
 def add_transport_options(parser: argparse.ArgumentParser) -> None:
@@ -53,15 +71,21 @@ def add_transport_options(parser: argparse.ArgumentParser) -> None:
                              "~/.config/nitrolesion)")
 
 
-def add_trust_options(parser: argparse.ArgumentParser) -> None:
+def add_trust_options(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
     parser.add_argument("--policy", type=Path,
                         help="JSON attestation policy (allowed PCR sets, debug, max age); "
-                             "see README 'Attestation policy'")
+                             f"default: {POLICY_FILE} in the key folder, installed by "
+                             "`parent.py trust FILE`; see README 'Attestation policy'")
     parser.add_argument("--dev-root", type=Path, action="append", default=[],
                         help="DEVELOPMENT ONLY: also trust this root PEM (the dev authority's "
                              "dev_root.pem); the pinned AWS root stays trusted")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for each answer from the enclave (default 60)")
+    parser.add_argument("--insecure-any-enclave", action="store_true",
+                        help="TESTS ONLY, INSECURE: accept any PCRs, i.e. any enclave image "
+                             "with a valid attestation, including one the host built to "
+                             "copy your images")
+    if timeout:
+        parser.add_argument("--timeout", type=float, default=60.0,
+                            help="seconds to wait for each answer from the enclave (default 60)")
 
 
 def transport_of(args) -> str:
@@ -72,19 +96,39 @@ def key_dir_of(args) -> Path:
     return args.key_dir or default_key_dir()
 
 
+def load_policy(args) -> AttestationPolicy:
+    """The PCR policy: --policy, else the one installed in the key folder; with
+    --insecure-any-enclave, any PCRs (loudly). Raises NoPolicy when there is none."""
+    if args.policy:
+        try:
+            return AttestationPolicy.from_json_file(args.policy)
+        except InvalidPolicy as exc:
+            raise UsageError(f"--policy {args.policy}: {exc}") from exc
+    installed = key_dir_of(args) / POLICY_FILE
+    if installed.exists():
+        check_private_folder(key_dir_of(args))
+        info = installed.lstat()
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022 or not installed.is_file():
+            raise NoPolicy(f"{installed} is not a regular file of yours writable only by you; "
+                           f"install it again with `parent.py trust FILE`")
+        try:
+            return AttestationPolicy.from_json_file(installed)
+        except InvalidPolicy as exc:
+            raise NoPolicy(f"{installed}: {exc}; install a good one with `parent.py trust FILE`") from exc
+    if getattr(args, "insecure_any_enclave", False):
+        print("WARNING: --insecure-any-enclave: PCRs are NOT checked; any enclave image with a "
+              "valid attestation is trusted. Never use this outside tests.", file=sys.stderr)
+        return AttestationPolicy.any_enclave(max_age=DEFAULT_MAX_AGE)
+    raise NoPolicy("no PCR policy, so no enclave is trusted: run `parent.py trust "
+                   "measurements.json` once (the output of `nitro-cli build-enclave`), or pass "
+                   "--policy FILE")
+
+
 def trust_of(args):
     from nitrolesion.attestation.trust import load_pem_roots
     from parent.enclave_client import Trust
 
-    if args.policy:
-        try:
-            policy = AttestationPolicy.from_json_file(args.policy)
-        except InvalidPolicy as exc:
-            raise UsageError(f"--policy {args.policy}: {exc}") from exc
-    else:
-        print("warning: no --policy given: PCRs are not pinned; any enclave with a valid "
-              "attestation is trusted", file=sys.stderr)
-        policy = AttestationPolicy(max_age=DEFAULT_MAX_AGE)
+    policy = load_policy(args)
     roots = []
     for path in args.dev_root:
         try:
@@ -92,6 +136,26 @@ def trust_of(args):
         except (OSError, ValueError) as exc:
             raise UsageError(f"--dev-root {path}: not a readable PEM certificate file") from exc
     return Trust(policy, roots)
+
+
+# -- trust ------------------------------------------------------------------------------
+def cmd_trust(args) -> int:
+    """Check a policy (or nitro-cli measurements) and install it as the default."""
+    try:
+        policy = AttestationPolicy.from_json_file(args.file)
+    except InvalidPolicy as exc:
+        raise UsageError(f"{args.file}: {exc}") from exc
+    key_dir = key_dir_of(args)
+    ensure_private_folder(key_dir)
+    path = write_private_file(key_dir, POLICY_FILE,
+                              (json.dumps(policy.to_dict(), indent=2) + "\n").encode())
+    print(f"Installed {path}: server, client and classify now trust only enclaves with")
+    for number, pcr_set in enumerate(policy.allowed_pcr_sets):
+        print(f"  set {number}: " + ", ".join(f"PCR{i} {value.hex()[:16]}..."
+                                              for i, value in sorted(pcr_set.items())))
+    if policy.allow_debug:
+        print("WARNING: allow_debug is true: debug-mode enclaves (host can read them) are trusted")
+    return 0
 
 
 def pcr_lines(result) -> list[str]:
@@ -102,6 +166,7 @@ def pcr_lines(result) -> list[str]:
 def cmd_server(args) -> int:
     from parent.server import ParentServer
 
+    trust = trust_of(args)
     key = ParentKeyStore(key_dir_of(args)).load_or_create()
     endpoint = Endpoint(transport_of(args), 0xFFFFFFFF, args.port, args.host)
     printing = threading.Lock()  # connection threads report at once; keep lines whole
@@ -110,7 +175,7 @@ def cmd_server(args) -> int:
         with printing:
             print(event.text, flush=True)
 
-    server = ParentServer(endpoint, key, key_dir_of(args), show,
+    server = ParentServer(endpoint, key, key_dir_of(args), show, trust=trust,
                           max_connections=args.max_connections, io_timeout=args.io_timeout,
                           handshake_timeout=args.handshake_timeout)
     server.bind()
@@ -165,7 +230,7 @@ def read_image(path: Path) -> bytes:
 def cmd_classify(args) -> int:
     from parent.classify import run_classify
 
-    return run_classify(args, trust_of(args))
+    return run_classify(args, lambda: trust_of(args))
 
 
 def cmd_demo(args) -> int:
@@ -203,7 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a new connection has to send its first frame "
                              "(default %(default)s)")
     add_transport_options(server)
+    add_trust_options(server, timeout=False)
     server.set_defaults(func=cmd_server)
+
+    trust = sub.add_parser("trust", help="install a PCR policy (or nitro-cli build-enclave "
+                                         "output) as the default trust of this key folder")
+    trust.add_argument("file", type=Path, help="policy JSON or measurements.json")
+    trust.add_argument("--key-dir", type=Path, default=None,
+                       help="key folder to install into (default $NITROLESION_KEY_DIR or "
+                            "~/.config/nitrolesion)")
+    trust.set_defaults(func=cmd_trust)
 
     client = sub.add_parser("client", help="attest the enclave and send one sealed image; "
                                            "the server prints the result")
@@ -253,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parent.py {args.command}: {exc}", file=sys.stderr)
         return 2
     except RemoteError as exc:
-        print(f"parent.py {args.command}: the enclave refused: {exc.code}: {exc.message}",
-              file=sys.stderr)
+        print(f"parent.py {args.command}: the enclave refused: {printable(exc.code)}: "
+              f"{printable(exc.message)}", file=sys.stderr)
         return 1
     except AttestationError as exc:
         print(f"parent.py {args.command}: attestation failed, nothing was sent: "

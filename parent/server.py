@@ -1,31 +1,48 @@
 """The parent server: receives the enclave's key at boot and the sealed results later.
 
 It listens on the parent port (5006). The enclave connects, sends ENCLAVE_ANNOUNCE (public
-key + attestation document) and keeps the connection for SEALED_RESULT frames. The server
-stores the announcement in its state folder for ``parent.py client`` (which still verifies
-it against a fresh attestation before sending) and decrypts each result with the parent's
-private key, which never leaves this host's 0600 key file.
+key + attestation document) and keeps the connection for SEALED_RESULT frames.
+
+The port is reachable by any process on this host, and the parent public key travels in
+clear, so the server believes nothing on its word:
+
+* an announcement is verified against the same trust as the client (pinned roots, PCR
+  policy, age) before it is stored or printed; a failed one is refused and logged;
+* a result is accepted only on a connection whose announcement verified, only if it is
+  signed by that attested enclave key (RSA-PSS over the sealed result and the enclave's
+  time; crypto/result_signature.py), only within RESULT_WINDOW of our clock, and only
+  once per request id. Anything else is logged as refused, never printed as a diagnosis.
+
+Accepted results are decrypted with the parent's private key, which never leaves this
+host's 0600 key file. The stored announcement serves ``parent.py client``, which still
+verifies it against a fresh attestation before sending.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import cbor2
 
-from nitrolesion.crypto.envelope import Envelope, fingerprint, open_envelope, request_aad
+from nitrolesion.attestation.errors import AttestationError
+from nitrolesion.crypto.envelope import (
+    Envelope, fingerprint, load_public_key, open_envelope, request_aad)
+from nitrolesion.crypto.keystore import ensure_private_folder, write_private_file
+from nitrolesion.crypto.result_signature import verify_result
 from nitrolesion.errors import (
-    ConnectionClosed, NitroLesionError, ProtocolError, TransportError, TransportTimeout)
+    ConnectionClosed, CryptoError, NitroLesionError, ProtocolError, TransportError,
+    TransportTimeout)
 from nitrolesion.transport import Endpoint, FramedConnection, accept, listen
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
-    decode_message, loads_plain)
+    check_prediction, decode_message, loads_plain, printable)
+from parent.enclave_client import Trust
 
 #: File in the state folder holding the last announced enclave key and its document.
 ANNOUNCE_FILE = "enclave_announce.cbor"
@@ -42,27 +59,29 @@ HANDSHAKE_TIMEOUT = 10.0
 IO_TIMEOUT = 30.0
 #: Seconds to hand an answer (ack or error, a few bytes) to the kernel.
 SEND_TIMEOUT = 5.0
+#: A result whose signed enclave time is further than this from our clock is refused.
+#: The enclave signs a result the moment it is made and sends it at once; 5 minutes
+#: covers clock drift between enclave and parent. Request ids are remembered for the
+#: window only: a replay after it fails the time check, so the memory cannot be flushed.
+RESULT_WINDOW = 300.0
 
 
 @dataclass(frozen=True)
 class ServerEvent:
     """Something the server saw, for printing (CLI) or waiting on (demo, tests)."""
 
-    kind: str  # "ready", "key", "result", "error"
+    kind: str  # "ready", "key", "result", "refused" (a forged/duplicate message), "error"
     text: str
     data: dict | None = None
 
 
 def save_announcement(state_dir: Path, announce: EnclaveAnnounce) -> Path:
-    """Write the announcement atomically (temp file + rename) so a reader never sees half."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / ANNOUNCE_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(cbor2.dumps({"public_key": announce.public_key,
-                                 "attestation": announce.attestation,
-                                 "received_at": time.time()}))
-    os.replace(tmp, path)
-    return path
+    """Write the announcement atomically (O_EXCL temp file in the checked private folder,
+    then rename), so a reader never sees half and nothing planted is written through."""
+    ensure_private_folder(state_dir)
+    return write_private_file(state_dir, ANNOUNCE_FILE, cbor2.dumps(
+        {"public_key": announce.public_key, "attestation": announce.attestation,
+         "received_at": time.time()}))
 
 
 def load_announcement(state_dir: Path) -> EnclaveAnnounce | None:
@@ -81,10 +100,17 @@ class ParentServer:
     """Accepts enclave connections on the parent port; one thread per connection."""
 
     def __init__(self, endpoint: Endpoint, private_key, state_dir: Path,
-                 on_event: Callable[[ServerEvent], None], *,
+                 on_event: Callable[[ServerEvent], None], *, trust: Trust,
                  max_connections: int = MAX_CONNECTIONS, io_timeout: float = IO_TIMEOUT,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``trust`` decides which announcements are believed (the client's trust);
+        ``clock`` (seconds since the epoch) is compared with the enclave's signed time."""
         self.endpoint = endpoint
+        self.trust = trust
+        self._clock = clock
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # request id -> enclave time
+        self._seen_lock = threading.Lock()
         self._private_key = private_key
         self.state_dir = state_dir
         self.on_event = on_event
@@ -147,6 +173,7 @@ class ParentServer:
     def _handle(self, connection: FramedConnection) -> None:
         with connection:
             first = True
+            enclave_key = None  # set once this connection's announcement verified
             while not self._stopping.is_set():
                 try:
                     frame = self._receive(connection, first)
@@ -173,6 +200,15 @@ class ParentServer:
                     self._send_error(connection, ErrorCode.BAD_MESSAGE, str(exc))
                     return
                 if isinstance(message, EnclaveAnnounce):
+                    try:
+                        attested = self.trust.verify_announcement(message)
+                    except AttestationError as exc:
+                        text = f"{type(exc).__name__}: {exc}"
+                        self.on_event(ServerEvent("refused", f"Refused an enclave announcement from "
+                                                             f"{connection.peer}: {text}"))
+                        self._send_error(connection, ErrorCode.UNTRUSTED, text)
+                        return
+                    enclave_key = load_public_key(attested.public_key)
                     save_announcement(self.state_dir, message)
                     try:
                         connection.send(AnnounceAck.TYPE, AnnounceAck().to_body(),
@@ -183,22 +219,43 @@ class ParentServer:
                         "key", f"Enclave public key received (sha256 {fingerprint(message.public_key)[:16]}...)",
                         {"public_key": message.public_key, "attestation": message.attestation}))
                 elif isinstance(message, SealedResult):
-                    self._result(message)
+                    self._result(message, enclave_key, connection.peer)
                 else:
                     self.on_event(ServerEvent("error", f"Unexpected {message.TYPE.name} from {connection.peer}"))
                     self._send_error(connection, ErrorCode.UNEXPECTED,
                                      f"{message.TYPE.name} is not expected on the parent port")
                     return
 
-    def _result(self, message: SealedResult) -> None:
+    def _refuse(self, message: SealedResult, peer: str, reason: str) -> None:
+        self.on_event(ServerEvent("refused", f"Refused a result from {peer} (request "
+                                             f"{message.request_id.hex()[:8]}...): {reason}"))
+
+    def _result(self, message: SealedResult, enclave_key, peer: str) -> None:
+        if enclave_key is None:
+            return self._refuse(message, peer, "this connection announced no attested enclave key")
+        now = self._clock()
+        if abs(now - message.issued_at_ms / 1000) > RESULT_WINDOW:
+            return self._refuse(message, peer, f"signed {message.issued_at_ms / 1000 - now:+.0f} s "
+                                               f"from now, outside the {RESULT_WINDOW:g} s window")
+        envelope = Envelope(message.wrapped_key, message.nonce, message.ciphertext)
+        try:
+            verify_result(enclave_key, message.request_id, message.issued_at_ms, envelope,
+                          message.signature)
+        except CryptoError as exc:
+            return self._refuse(message, peer, str(exc))
+        with self._seen_lock:
+            while self._seen and next(iter(self._seen.values())) < now - 2 * RESULT_WINDOW:
+                self._seen.popitem(last=False)  # ids older than the window can never pass again
+            if message.request_id in self._seen:
+                return self._refuse(message, peer, "this request id was already received (a replay)")
+            self._seen[message.request_id] = message.issued_at_ms / 1000
         aad = request_aad(MessageType.SEALED_RESULT, message.request_id)
         try:
-            plaintext = open_envelope(self._private_key, Envelope(message.wrapped_key, message.nonce,
-                                                                 message.ciphertext), aad)
-            result = loads_plain(plaintext)  # anyone can seal to our public key
-            label, confidence = str(result["name"]), float(result["confidence"])
-        except Exception as exc:  # noqa: BLE001 - anything undecryptable is reported the same way
-            self.on_event(ServerEvent("error", f"A result could not be decrypted: {exc}"))
+            plaintext = open_envelope(self._private_key, envelope, aad)
+            result = check_prediction(loads_plain(plaintext))
+        except NitroLesionError as exc:
+            self.on_event(ServerEvent("error", f"A signed result could not be decrypted: {exc}"))
             return
+        label, confidence = printable(result["name"]), result["confidence"]
         self.on_event(ServerEvent("result", f"Classification received: {label} ({confidence:.2f})",
                                   {"request_id": message.request_id.hex(), **result}))

@@ -8,6 +8,7 @@ way the README's three commands do, with the development attestation authority.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
 from nitrolesion.transport import free_tcp_port as free_port  # noqa: E402
 PYTHON = sys.executable
 ENCLAVE_APP = ROOT / "enclave" / "app.py"
@@ -99,7 +101,13 @@ class Proc:
 
 
 class EnclaveStack:
-    """``parent.py server`` + ``enclave/app.py`` as real processes over TCP loopback."""
+    """``parent.py server`` + ``enclave/app.py`` as real processes over TCP loopback.
+
+    Set up as a user would for a local run: the development authority is created first,
+    its PCRs are installed as the key folder's policy with ``parent.py trust``, and the
+    server trusts the development root (``--dev-root``), so it verifies the enclave's
+    announcement like on Nitro.
+    """
 
     def __init__(self, tmp: Path, enclave_args: tuple[str, ...] = (), start_server: bool = True,
                  server_args: tuple[str, ...] = ()) -> None:
@@ -112,13 +120,26 @@ class EnclaveStack:
         self.env = tcp_env(self.key_dir)
         self.server: Proc | None = None
         self.enclave: Proc | None = None
+        self.install_policy()
         if start_server:
             self.start_server()
         self.start_enclave(*enclave_args)
 
+    def install_policy(self) -> None:
+        """Create the development authority and pin its PCRs in the key folder."""
+        from nitrolesion.attestation.dev_authority import DevAttestationAuthority
+        from nitrolesion.enclave_image import image_files
+
+        #: The authority as measured now: its PCRs are the ones the stack trusts.
+        self.authority = DevAttestationAuthority.load_or_create(self.dev_dir, image_files(ROOT), base=ROOT)
+        policy = self.tmp / "dev-policy.json"
+        policy.write_text(json.dumps(AttestationPolicy.for_dev_pcrs(self.authority.pcrs).to_dict()))
+        done = self.parent_cli("trust", str(policy))
+        assert done.returncode == 0, done.stderr
+
     def start_server(self) -> Proc:
-        self.server = Proc([str(PARENT_CLI), "server", str(self.parent_port), *self.server_args],
-                           self.env)
+        self.server = Proc([str(PARENT_CLI), "server", str(self.parent_port),
+                            "--dev-root", str(self.dev_root), *self.server_args], self.env)
         self.server.wait_for(r"Server ready!")
         return self.server
 
@@ -141,9 +162,10 @@ class EnclaveStack:
 
     def trust(self):
         """A Trust pinned to this enclave's development PCRs and root."""
+        from nitrolesion.attestation.trust import load_pem_roots
         from parent.enclave_client import Trust
 
-        return Trust.for_dev_enclave(self.dev_dir, ROOT)
+        return Trust(AttestationPolicy.for_dev_pcrs(self.authority.pcrs), load_pem_roots(self.dev_root))
 
     def endpoint(self):
         from nitrolesion.transport import Endpoint
@@ -158,7 +180,5 @@ class EnclaveStack:
 
 def write_dev_policy(stack: EnclaveStack, path: Path) -> Path:
     """A policy JSON file pinning the stack's development PCRs, as a user would write one."""
-    import json
-
     path.write_text(json.dumps(stack.trust().policy.to_dict()))
     return path

@@ -37,7 +37,7 @@ from nitrolesion.attestation.trust import aws_nitro_root
 from nitrolesion.attestation.verifier import check_public_key, verify_attestation
 
 T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
-ANY = AttestationPolicy()
+ANY = AttestationPolicy.any_enclave()
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def test_leaf_lives_three_hours_and_is_renewed(authority):
 def test_document_from_the_future_with_max_age(authority):
     authority.attest(now=T0)  # issues the leaf, valid from T0; reused for the next document
     doc = authority.attest(now=T0 + timedelta(minutes=10))
-    policy = AttestationPolicy(max_age=timedelta(minutes=10))
+    policy = AttestationPolicy.any_enclave(max_age=timedelta(minutes=10))
     with pytest.raises(DocumentFromFuture):
         verify_attestation(doc, now=T0 + timedelta(minutes=4), policy=policy, trusted_roots=[authority.root_certificate])
 

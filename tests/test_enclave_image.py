@@ -83,7 +83,19 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
     parent_port, client_port = free_port(), free_port()
     env = tcp_env(key_dir)
     env.pop("PYTHONPATH", None)
-    server = Proc([str(PROJECT_ROOT / "parent" / "parent.py"), "server", str(parent_port)], env)
+    from nitrolesion.attestation.dev_authority import DevAttestationAuthority
+    from nitrolesion.attestation.policy import AttestationPolicy
+    from nitrolesion.enclave_image import image_files
+    import json
+
+    # The PCRs of the copied tree, pinned before anything runs: the server believes only an
+    # announcement attested with them (the enclave then reuses this development authority).
+    authority = DevAttestationAuthority.load_or_create(dev_dir, image_files(app_dir), base=app_dir)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(AttestationPolicy.for_dev_pcrs(authority.pcrs).to_dict()))
+    trust = ["--policy", str(policy), "--dev-root", str(dev_dir / "dev_root.pem")]
+    server = Proc([str(PROJECT_ROOT / "parent" / "parent.py"), "server", str(parent_port), *trust],
+                  env)
     enclave = None
     try:
         server.wait_for("Server ready!")
@@ -93,18 +105,9 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
              "--dev-attestation", str(dev_dir)],
             cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         server.wait_for("Enclave public key received", timeout=120)
-        policy = tmp_path / "policy.json"
-        from nitrolesion.attestation.dev_authority import dev_pcrs, measure_files
-        from nitrolesion.attestation.policy import AttestationPolicy
-        from nitrolesion.enclave_image import image_files
-        import json
-
-        pcrs = dev_pcrs(measure_files(image_files(app_dir), app_dir))
-        policy.write_text(json.dumps(AttestationPolicy.for_dev_pcrs(pcrs).to_dict()))
         run = subprocess.run(
             [sys.executable, str(PROJECT_ROOT / "parent" / "parent.py"), "classify",
-             str(test_image_paths[0]), "--port", str(client_port), "--json",
-             "--policy", str(policy), "--dev-root", str(dev_dir / "dev_root.pem")],
+             str(test_image_paths[0]), "--port", str(client_port), "--json", *trust],
             env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         row = json.loads(run.stdout)

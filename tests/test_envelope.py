@@ -23,7 +23,7 @@ from nitrolesion.crypto.envelope import (
     seal,
 )
 from nitrolesion.errors import CryptoError, LocalProtocolError
-from nitrolesion.wire.frames import MessageType
+from nitrolesion.wire.frames import PROTOCOL_VERSION, MessageType
 
 PLAINTEXT = b"\xff\xd8\xff\xe0 pretend this is a JPEG of a mole" * 10
 REQUEST_ID = bytes(range(16))
@@ -158,7 +158,7 @@ def test_envelope_is_plain_data():
 
 def test_request_aad_layout_and_checks():
     aad = request_aad(MessageType.SEALED_REQUEST, REQUEST_ID)
-    assert aad.endswith(bytes([1, 5]) + REQUEST_ID)
+    assert aad.endswith(bytes([PROTOCOL_VERSION, 5]) + REQUEST_ID)
     assert len(new_request_id()) == 16
     with pytest.raises(LocalProtocolError, match="16 bytes"):
         request_aad(MessageType.SEALED_REQUEST, b"short")

@@ -53,7 +53,7 @@ def stream() -> bytes:
 
 def test_header_layout():
     data = encode_frame(MessageType.SESSION_RESULT, b"xyz")
-    assert data == b"NL\x01\x0b" + (3).to_bytes(8, "big") + b"xyz"
+    assert data == b"NL\x02\x0b" + (3).to_bytes(8, "big") + b"xyz"
     assert HEADER_SIZE == 12
     assert MAX_BODY == 24 * 1024 * 1024
 
@@ -116,10 +116,14 @@ def test_bad_magic_detected_from_first_byte():
         decoder.next_frame()
 
 
-def test_unsupported_version():
+@pytest.mark.parametrize("version", [1, 3, 255])
+def test_unsupported_version(version):
+    # Version 1 is the protocol before enclave randomness entered the session keys: an old
+    # peer is told plainly, from the third header byte.
     decoder = FrameDecoder()
-    decoder.feed(raw_header(version=2))
-    with pytest.raises(UnsupportedVersion, match="expected 1, got 2"):
+    decoder.feed(raw_header(version=version)[:3])
+    with pytest.raises(UnsupportedVersion, match=f"unsupported protocol version {version}: "
+                                                 "this side speaks version 2; run the same"):
         decoder.next_frame()
 
 

@@ -100,18 +100,18 @@ def test_the_default_limit_is_what_one_frame_can_carry():
 
     from nitrolesion.crypto.envelope import (generate_keypair, new_request_id, public_key_der,
                                              seal, sealed_request_aad)
-    from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_key
+    from nitrolesion.crypto.session import SessionCipher, SessionKeys, new_session_id
     from nitrolesion.wire.frames import MessageType
-    from nitrolesion.wire.messages import SealedRequest, SessionClassify
+    from nitrolesion.wire.messages import ImagePayload, SealedRequest, SessionClassify
 
     image = bytes(MAX_IMAGE_IN_MESSAGE)
     key = generate_keypair()
     parent_der, request_id = public_key_der(key), new_request_id()
-    sealed = seal(key, image, sealed_request_aad(request_id, parent_der))
+    sealed = seal(key, image, sealed_request_aad(request_id, parent_der, bytes(32)))
     one_shot = SealedRequest(request_id, parent_der, sealed.wrapped_key, sealed.nonce,
                              sealed.ciphertext).to_body()
-    cipher = SessionCipher(new_session_key(), new_session_id(), "client")
-    counter, ciphertext = cipher.seal(MessageType.SESSION_CLASSIFY, cbor2.dumps({"image": image}))
+    cipher = SessionCipher(SessionKeys(bytes(32), bytes(32), bytes(32)), new_session_id(), "client")
+    counter, ciphertext = cipher.seal(MessageType.SESSION_CLASSIFY, ImagePayload(image).encode())
     in_session = SessionClassify(counter, ciphertext).to_body()
     for body in (one_shot, in_session):
         assert MAX_IMAGE_IN_MESSAGE < len(body) <= MAX_BODY

@@ -19,7 +19,6 @@ import stat
 import threading
 from pathlib import Path
 
-import cbor2
 import pytest
 
 from harness import EnclaveStack
@@ -27,9 +26,9 @@ from nitrolesion.errors import ConnectionClosed
 from nitrolesion.model.classifier import LesionModel, Prediction
 from nitrolesion.model.dataset import load_split
 from nitrolesion.model.labels import CODES
-from nitrolesion.wire.frames import MessageType
-from nitrolesion.wire.messages import (
-    ErrorCode, ErrorMessage, Message, SessionClassify, SessionResult, decode_message)
+from nitrolesion.protocol import ResultReceived
+from nitrolesion.wire.frames import Frame
+from nitrolesion.wire.messages import ErrorCode, ErrorMessage, Message, ResultPayload, decode_message
 from parent.classify import CSV_COLUMNS
 from parent.enclave_client import EnclaveClient
 
@@ -101,42 +100,41 @@ def assert_same_prediction(result: dict, expected: Prediction) -> None:
 
 
 class RawSession:
-    """An attested session driven one frame at a time.
+    """An attested session whose frames the test sends and reads one at a time.
 
     Attestation and SESSION_OPEN go through EnclaveClient (verified against ``trust``);
-    after that the test seals, sends, replays or moves SESSION_CLASSIFY messages itself.
+    after that the test sends, replays or moves the SESSION_CLASSIFY frames that the
+    client state machine (``self.session``) makes, and reads answers through it.
     """
 
     def __init__(self, stack: EnclaveStack, trust) -> None:
         self.client = EnclaveClient(stack.endpoint(), trust, timeout=ANSWER_TIMEOUT)
         self.client.attest()
-        self.cipher = self.client.open_session()
+        self.client.open_session()
+        self.session = self.client.session
         self.connection = self.client.connection
 
-    def seal(self, image: bytes) -> SessionClassify:
+    def seal(self, image: bytes) -> Frame:
         """The next SESSION_CLASSIFY of this session (its counter is used up even if unsent)."""
-        counter, ciphertext = self.cipher.seal(MessageType.SESSION_CLASSIFY,
-                                               cbor2.dumps({"image": image}))
-        return SessionClassify(counter, ciphertext)
+        return self.session.classify(image)[1]
 
-    def send(self, message: Message) -> None:
-        self.connection.send(message.TYPE, message.to_body())
+    def send(self, frame: Frame) -> None:
+        self.connection.send_frame(frame)
 
     def classify_async(self, image: bytes) -> int:
         """Send one image without waiting; returns the request counter its result names."""
-        message = self.seal(image)
-        self.send(message)
-        return message.counter
+        counter, frame = self.session.classify(image)
+        self.send(frame)
+        return counter
 
     def receive(self) -> Message:
         return decode_message(self.connection.receive(timeout=ANSWER_TIMEOUT))
 
-    def result(self) -> dict:
-        """The next SESSION_RESULT, opened: ``{"request": n, "result"|"error": ...}``."""
-        message = self.receive()
-        assert isinstance(message, SessionResult), f"expected SessionResult, got {message!r}"
-        return cbor2.loads(self.cipher.open(MessageType.SESSION_RESULT, message.counter,
-                                            message.ciphertext))
+    def result(self) -> ResultPayload:
+        """The next SESSION_RESULT, opened by the client state machine."""
+        event = self.session.receive(self.connection.receive(timeout=ANSWER_TIMEOUT))
+        assert isinstance(event, ResultReceived), f"expected a result, got {event!r}"
+        return event.payload
 
     def expect_error_and_close(self, code: str) -> ErrorMessage:
         """The enclave answers with an ERROR frame ``code`` and then closes the connection."""
@@ -212,21 +210,21 @@ def test_full_queue_answers_busy_and_the_enclave_keeps_serving(tmp_path, corpus)
             answered = {}
             for _ in range(len(sent[number])):
                 payload = session.result()
-                answered[payload["request"]] = payload
+                answered[payload.request] = payload
             assert sorted(answered) == sorted(sent[number])
             for request, payload in answered.items():
-                if "error" in payload:
-                    assert payload["error"]["code"] == ErrorCode.BUSY, payload
+                if payload.error is not None:
+                    assert payload.error[0] == ErrorCode.BUSY, payload
                     busy.append((session, sent[number][request]))
                 else:
-                    assert_same_prediction(payload["result"], sent[number][request][2])
+                    assert_same_prediction(payload.prediction, sent[number][request][2])
         assert busy, "32 pipelined requests against --workers 1 --queue 1 were never refused BUSY"
         # BUSY ends neither the session nor the service: retry on the same session ...
         session, item = busy[0]
         session.classify_async(item[1])
         payload = session.result()
-        assert "result" in payload, payload
-        assert_same_prediction(payload["result"], item[2])
+        assert payload.prediction is not None, payload
+        assert_same_prediction(payload.prediction, item[2])
         for session in sessions:
             session.close()
         # ... and a new client is served as well.
@@ -240,7 +238,7 @@ def test_replayed_session_message_is_refused_and_the_connection_closed(shared_st
     session = RawSession(shared_stack, trust)
     message = session.seal(corpus[0][1])
     session.send(message)
-    assert_same_prediction(session.result()["result"], corpus[0][2])
+    assert_same_prediction(session.result().prediction, corpus[0][2])
     session.send(message)  # the very same counter and ciphertext once more
     error = session.expect_error_and_close(ErrorCode.REPLAY)
     assert "expected counter 1, got 0" in error.message
@@ -267,7 +265,7 @@ def test_message_moved_into_another_session_does_not_decrypt(shared_stack, trust
     second.close()
     # The message itself was sound: in its own session it is classified.
     first.send(moved)
-    assert_same_prediction(first.result()["result"], corpus[3][2])
+    assert_same_prediction(first.result().prediction, corpus[3][2])
     first.close()
 
 
@@ -281,8 +279,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits_cleanly(tmp_path, corpus
         answered = {}
         for _ in sent:
             payload = session.result()
-            assert "result" in payload, payload
-            answered[payload["request"]] = payload["result"]
+            assert payload.prediction is not None, payload
+            answered[payload.request] = payload.prediction
         assert sorted(answered) == sorted(sent)
         for request, expected in sent.items():
             assert_same_prediction(answered[request], expected)

@@ -10,20 +10,22 @@ from Crypto.Cipher import AES
 from nitrolesion.crypto.session import (
     SESSION_AAD_LABEL,
     SessionCipher,
+    SessionKeys,
     new_session_id,
-    new_session_key,
+    new_session_secret,
 )
 from nitrolesion.errors import CryptoError, LocalProtocolError, ReorderError, ReplayError
 from nitrolesion.wire.frames import MessageType
 
 CLASSIFY = MessageType.SESSION_CLASSIFY
 RESULT = MessageType.SESSION_RESULT
-KEY = bytes(range(32))
+C2E, E2C = bytes(range(32)), bytes(range(32, 64))
+KEYS = SessionKeys(C2E, E2C, bytes(range(64, 96)))
 SID = bytes(range(100, 116))
 
 
-def pair(key=KEY, sid=SID):
-    return SessionCipher(key, sid, "client"), SessionCipher(key, sid, "enclave")
+def pair(keys=KEYS, sid=SID):
+    return SessionCipher(keys, sid, "client"), SessionCipher(keys, sid, "enclave")
 
 
 def test_round_trip_both_directions_counters_start_at_zero():
@@ -45,8 +47,8 @@ def test_wire_format_matches_spec():
     counter, ct = client.seal(CLASSIFY, b"second")
     nonce = bytes([0x01, 0, 0, 0]) + struct.pack(">Q", counter)
     aad = SESSION_AAD_LABEL + SID + bytes([0x01, CLASSIFY]) + struct.pack(">Q", counter)
-    assert SESSION_AAD_LABEL == b"nitrolesion-session/1"
-    cipher = AES.new(KEY, AES.MODE_GCM, nonce=nonce)
+    assert SESSION_AAD_LABEL == b"nitrolesion-session/2"
+    cipher = AES.new(C2E, AES.MODE_GCM, nonce=nonce)  # the client->enclave key
     cipher.update(aad)
     assert cipher.decrypt_and_verify(ct[:-16], ct[-16:]) == b"second"
 
@@ -88,7 +90,8 @@ def test_cross_session_rejected():
 
 
 def test_cross_direction_rejected():
-    # The client's own message reflected back to it (same key, session and counter).
+    # The client's own message reflected back to it (same session and counter; the other
+    # direction has its own key and direction byte).
     client, _ = pair()
     counter, ct = client.seal(CLASSIFY, b"x")
     with pytest.raises(CryptoError, match="did not authenticate"):
@@ -120,15 +123,23 @@ def test_replay_and_reorder_are_crypto_errors():
 
 
 def test_helpers_and_argument_checks():
-    assert len(new_session_key()) == 32 and len(new_session_id()) == 16
-    assert new_session_key() != new_session_key()
+    assert len(new_session_secret()) == 32 and len(new_session_id()) == 16
+    assert new_session_secret() != new_session_secret()
     assert new_session_id(random_bytes=lambda n: b"\x01" * n) == b"\x01" * 16
     with pytest.raises(LocalProtocolError):
-        SessionCipher(b"short", SID, "client")
+        SessionCipher(SessionKeys(b"short", E2C, C2E), SID, "client")
     with pytest.raises(LocalProtocolError):
-        SessionCipher(KEY, b"short", "client")
+        SessionCipher(KEYS, b"short", "client")
     with pytest.raises(LocalProtocolError, match="role"):
-        SessionCipher(KEY, SID, "parent")
+        SessionCipher(KEYS, SID, "parent")
     with pytest.raises(LocalProtocolError):
         pair()[0].seal(256, b"x")
-    assert KEY.hex() not in repr(pair()[0])
+    with pytest.raises(LocalProtocolError):
+        SessionCipher(KEYS, SID, "client", max_messages=0)
+    assert C2E.hex() not in repr(pair()[0]) and C2E.hex() not in repr(KEYS)
+
+
+def test_directions_use_different_keys():
+    # Same plaintext, same counter, both directions: different ciphertexts.
+    client, enclave = pair()
+    assert client.seal(CLASSIFY, b"same")[1] != enclave.seal(CLASSIFY, b"same")[1]

@@ -51,6 +51,9 @@ from nitrolesion.attestation.errors import DevAuthorityError, NsmError
 from nitrolesion.attestation.nsm import MAX_ATTESTATION_FIELD
 
 ROOT_CERT_FILE = "dev_root.pem"
+#: Written beside the root by the enclave app with --dev-attestation: the PCRs it attests,
+#: as a policy file for `--dev-root DIR/dev_root.pem --policy DIR/policy.json`.
+DEV_POLICY_FILE = "policy.json"
 ROOT_KEY_FILE = "dev_root.key"
 INTERMEDIATE_CERT_FILE = "dev_intermediate.pem"
 INTERMEDIATE_KEY_FILE = "dev_intermediate.key"

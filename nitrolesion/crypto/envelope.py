@@ -67,7 +67,7 @@ GCM_TAG_SIZE = 16
 # 128 random bits: collisions between request ids are negligible (birthday bound 2**64).
 REQUEST_ID_SIZE = 16
 # Domain-separation label for request_aad, distinct from the session cipher's label.
-REQUEST_AAD_LABEL = b"nitrolesion-request/1"
+REQUEST_AAD_LABEL = b"nitrolesion-request/2"
 # Enough for an RSA-8192 SubjectPublicKeyInfo (~1.05 KB) with room to spare; anything
 # larger is not a key we would accept, so do not even parse it.
 MAX_PUBLIC_KEY_DER = 4096
@@ -183,19 +183,26 @@ def request_aad(msg_type: int, request_id: bytes) -> bytes:
     return REQUEST_AAD_LABEL + struct.pack(">BB", PROTOCOL_VERSION, msg_type) + bytes(request_id)
 
 
-def sealed_request_aad(request_id: bytes, parent_public_key: bytes) -> bytes:
-    """Associated data for a SEALED_REQUEST: ``request_aad`` plus SHA-256(parent key).
+def sealed_request_aad(request_id: bytes, parent_public_key: bytes, attestation_binding: bytes) -> bytes:
+    """Associated data for a SEALED_REQUEST: ``request_aad`` | SHA-256(parent key) | binding.
 
     The parent key travels in clear beside the envelope and says whom the enclave seals
     the result to. Binding its hash here means a host that swaps or flips it makes the
     request fail to authenticate, instead of having the result sealed to another key.
+    ``attestation_binding`` is the hash of this connection's HELLO and ATTESTATION frames
+    (whose document carries the enclave's fresh random value), so a request recorded on
+    one connection does not authenticate on any other: no replay cache to flush.
 
-    Raises LocalProtocolError (a ValueError) for a bad ``request_id`` or a non-bytes key.
+    Raises LocalProtocolError (a ValueError) for a bad ``request_id``, a non-bytes key or
+    a binding that is not 32 bytes.
     """
     if not isinstance(parent_public_key, (bytes, bytearray, memoryview)):
         raise LocalProtocolError(
             f"parent public key must be bytes, got {type(parent_public_key).__name__}")
-    return request_aad(MessageType.SEALED_REQUEST, request_id) + hashlib.sha256(bytes(parent_public_key)).digest()
+    if not isinstance(attestation_binding, (bytes, bytearray)) or len(attestation_binding) != 32:
+        raise LocalProtocolError("attestation binding must be a 32-byte hash")
+    return (request_aad(MessageType.SEALED_REQUEST, request_id)
+            + hashlib.sha256(bytes(parent_public_key)).digest() + bytes(attestation_binding))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
-"""Wrapping a session key to the enclave's attested RSA key (RSA-OAEP with a label).
+"""Wrapping the client's session secret to the enclave's attested RSA key (RSA-OAEP, label).
 
 The OAEP label (RFC 8017 section 7.1, "L") is the session id with a domain prefix, so a
-wrapped key captured from one SESSION_OPEN cannot be replayed under another session id.
+wrapped secret captured from one SESSION_OPEN cannot be moved under another session id.
+The secret alone never becomes a key: it is one input of the HKDF in crypto/session.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey.RSA import RsaKey
 from Crypto.Signature.pss import MGF1
 
-from nitrolesion.crypto.session import SESSION_ID_SIZE, SESSION_KEY_SIZE
+from nitrolesion.crypto.session import SESSION_ID_SIZE, SESSION_SECRET_SIZE
 from nitrolesion.errors import CryptoError
 
-SESSION_WRAP_LABEL = b"nitrolesion-session-key/1"
+SESSION_WRAP_LABEL = b"nitrolesion-session-secret/2"
 
 
 def _oaep(key: RsaKey, session_id: bytes):
@@ -25,19 +26,19 @@ def _oaep(key: RsaKey, session_id: bytes):
                           label=SESSION_WRAP_LABEL + session_id)
 
 
-def wrap_session_key(recipient_public_key: RsaKey, session_key: bytes, session_id: bytes) -> bytes:
-    """RSA-OAEP(SHA-256) encryption of ``session_key``, bound to ``session_id``."""
-    if len(session_key) != SESSION_KEY_SIZE:
-        raise CryptoError(f"session key must be {SESSION_KEY_SIZE} bytes")
-    return _oaep(recipient_public_key.public_key(), session_id).encrypt(session_key)
+def wrap_session_secret(recipient_public_key: RsaKey, secret: bytes, session_id: bytes) -> bytes:
+    """RSA-OAEP(SHA-256) encryption of ``secret``, bound to ``session_id``."""
+    if len(secret) != SESSION_SECRET_SIZE:
+        raise CryptoError(f"session secret must be {SESSION_SECRET_SIZE} bytes")
+    return _oaep(recipient_public_key.public_key(), session_id).encrypt(secret)
 
 
-def unwrap_session_key(private_key: RsaKey, wrapped: bytes, session_id: bytes) -> bytes:
-    """Recover the session key; raises :class:`CryptoError` for a wrong key, label or bytes."""
+def unwrap_session_secret(private_key: RsaKey, wrapped: bytes, session_id: bytes) -> bytes:
+    """Recover the session secret; raises :class:`CryptoError` for a wrong key, label or bytes."""
     try:
         key = _oaep(private_key, session_id).decrypt(wrapped)
     except (ValueError, TypeError) as exc:
-        raise CryptoError("session key did not unwrap (wrong key or session id)") from exc
-    if len(key) != SESSION_KEY_SIZE:
-        raise CryptoError("session key did not unwrap (wrong length)")
+        raise CryptoError("session secret did not unwrap (wrong key or session id)") from exc
+    if len(key) != SESSION_SECRET_SIZE:
+        raise CryptoError("session secret did not unwrap (wrong length)")
     return key

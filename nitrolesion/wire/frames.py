@@ -47,8 +47,9 @@ __all__ = [
 
 MAGIC = b"NL"
 # Bumped on any incompatible change to the header or to a message body; peers refuse
-# other versions instead of guessing.
-PROTOCOL_VERSION = 1
+# other versions instead of guessing. 2: session keys from both sides' randomness, the
+# enclave's random value in the attestation, key confirmation, signed one-shot results.
+PROTOCOL_VERSION = 2
 # magic(2) | version(1) | type(1) | length(8, big-endian)
 HEADER = struct.Struct(">2sBBQ")
 HEADER_SIZE = HEADER.size  # 12
@@ -179,6 +180,14 @@ class FrameDecoder:
         return len(self._buffer)
 
     @property
+    def pending_length(self) -> int | None:
+        """The body length the next frame's header declares, once its 12 header bytes are
+        buffered; None before that. Lets a reader reserve memory for a body before reading
+        it. Raises what ``next_frame`` would for an invalid header."""
+        self._raise_if_errored()
+        return self._check_header()
+
+    @property
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is pending (nothing buffered).
 
@@ -212,6 +221,20 @@ class FrameDecoder:
         in the ERROR state.
         """
         self._raise_if_errored()
+        length = self._check_header()
+        if length is None:
+            return None
+        end = HEADER_SIZE + length
+        buf = self._buffer
+        if len(buf) < end:
+            return None
+        msg_type = buf[3]
+        body = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        return Frame(MessageType(msg_type), body)
+
+    def _check_header(self) -> int | None:
+        """Check the buffered header bytes; the declared body length once all 12 are here."""
         buf = self._buffer
         # Check each header field as soon as its bytes are here, so a peer speaking
         # another protocol (HTTP, TLS) is refused at once rather than after 12 bytes.
@@ -220,24 +243,20 @@ class FrameDecoder:
         if len(buf) >= 3 and buf[2] != PROTOCOL_VERSION:
             self._fail(
                 UnsupportedVersion(
-                    f"unsupported protocol version: expected {PROTOCOL_VERSION}, got {buf[2]}"
+                    f"unsupported protocol version {buf[2]}: this side speaks version "
+                    f"{PROTOCOL_VERSION}; run the same release on both sides"
                 )
             )
         if len(buf) >= 4 and buf[3] not in _KNOWN_TYPES:
             self._fail(UnknownMessageType(f"unknown message type {buf[3]}"))
         if len(buf) < HEADER_SIZE:
             return None
-        _, _, msg_type, length = HEADER.unpack_from(buf)
+        length = HEADER.unpack_from(buf)[3]
         if length > self._max_body:
             self._fail(
                 FrameTooLarge(f"frame declared {length} bytes, limit {self._max_body}")
             )
-        end = HEADER_SIZE + length
-        if len(buf) < end:
-            return None
-        body = bytes(buf[HEADER_SIZE:end])
-        del buf[:end]
-        return Frame(MessageType(msg_type), body)
+        return length
 
     def _raise_if_errored(self) -> None:
         if self._state is DecoderState.ERROR:

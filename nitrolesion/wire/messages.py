@@ -11,19 +11,24 @@ The flows (see README for the sequence diagram):
 - one-shot (``parent.py client``): client -> enclave HELLO(nonce) / ATTESTATION, then
   SEALED_REQUEST (hybrid envelope, reply goes to the parent server) / ACCEPTED; later the
   enclave sends SEALED_RESULT to the parent server over its announce connection.
-- session (``parent.py classify``): HELLO / ATTESTATION, SESSION_OPEN(session key wrapped to
-  the attested key) / SESSION_READY, then any number of SESSION_CLASSIFY / SESSION_RESULT,
-  each sealed with the session key and a per-direction counter.
+- session (``parent.py classify``): HELLO / ATTESTATION, SESSION_OPEN(client secret wrapped
+  to the attested key) / SESSION_READY(key confirmation), then any number of
+  SESSION_CLASSIFY / SESSION_RESULT, each sealed with its direction's key and counter.
+  The flow itself lives in nitrolesion/protocol.py; the sealed payloads (``ImagePayload``,
+  ``ResultPayload``) are defined at the end of this module.
 - ERROR(code, message) may answer anything; GOODBYE ends a session politely.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import cbor2
 
+from nitrolesion.crypto.envelope import GCM_NONCE_SIZE, MAX_RSA_BITS, REQUEST_ID_SIZE, RSA_BITS
+from nitrolesion.crypto.session import CONFIRMATION_SIZE, SESSION_ID_SIZE
 from nitrolesion.errors import ProtocolError
 from nitrolesion.wire.frames import MAX_BODY, Frame, MessageType
 
@@ -32,10 +37,9 @@ from nitrolesion.wire.frames import MAX_BODY, Frame, MessageType
 MAX_PUBLIC_KEY = 1024
 MAX_ATTESTATION = 16 * 1024
 NONCE_SIZES = range(16, 65)
-REQUEST_ID_SIZE = 16
-SESSION_ID_SIZE = 16
-WRAPPED_KEY_SIZE = 384  # RSA-3072 modulus
-GCM_NONCE_SIZE = 12
+#: An RSA-OAEP ciphertext or RSA-PSS signature is as long as the modulus: any key size
+#: the crypto layer accepts (RSA_BITS..MAX_RSA_BITS), so a 4096-bit parent key works.
+RSA_OUTPUT_SIZES = range(RSA_BITS // 8, MAX_RSA_BITS // 8 + 1)
 MAX_ERROR_TEXT = 512
 #: The largest image one message can carry: a frame body is at most MAX_BODY, and sealing
 #: (one-shot or in a session) adds under 2 KiB; 64 KiB leaves slack. Neither side can
@@ -163,7 +167,15 @@ class ErrorCode:
     BUSY = "BUSY"                      # queue full: try again later
     TIMEOUT = "TIMEOUT"                # the peer was too slow
     UNAVAILABLE = "UNAVAILABLE"        # e.g. the parent link is down
+    UNTRUSTED = "UNTRUSTED"            # an attestation did not verify against our trust
     INTERNAL = "INTERNAL"              # a bug on our side; details only in our own log
+
+
+def printable(text: str) -> str:
+    """``text`` from a peer, safe to print: control, format (bidi overrides), private-use
+    and unassigned characters become "?", so a hostile peer cannot move the cursor, rewrite
+    a line or fake another line on the user's terminal."""
+    return "".join("?" if unicodedata.category(ch)[0] == "C" else ch for ch in str(text))
 
 
 def _check_bytes(name: str, value, sizes) -> bytes:
@@ -281,24 +293,29 @@ class SealedRequest(Message):
     TYPE: ClassVar = MessageType.SEALED_REQUEST
     SCHEMA: ClassVar = {"request_id": _bytes(REQUEST_ID_SIZE),
                         "parent_public_key": _bytes(_max(MAX_PUBLIC_KEY)),
-                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE),
+                        "wrapped_key": _bytes(RSA_OUTPUT_SIZES),
                         "nonce": _bytes(GCM_NONCE_SIZE),
                         "ciphertext": _bytes(_max(2**40))}
 
 
 @dataclass(frozen=True)
 class SealedResult(Message):
-    """A one-shot result sealed to the parent's key."""
+    """A one-shot result sealed to the parent's key; ``signature`` by the enclave's key
+    covers it and ``issued_at_ms`` (the enclave's clock)."""
 
     request_id: bytes
+    issued_at_ms: int
     wrapped_key: bytes
     nonce: bytes
     ciphertext: bytes
+    signature: bytes
     TYPE: ClassVar = MessageType.SEALED_RESULT
     SCHEMA: ClassVar = {"request_id": _bytes(REQUEST_ID_SIZE),
-                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE),
+                        "issued_at_ms": _check_counter,
+                        "wrapped_key": _bytes(RSA_OUTPUT_SIZES),
                         "nonce": _bytes(GCM_NONCE_SIZE),
-                        "ciphertext": _bytes(_max(2**40))}
+                        "ciphertext": _bytes(_max(2**40)),
+                        "signature": _bytes(RSA_OUTPUT_SIZES)}
 
 
 @dataclass(frozen=True)
@@ -310,20 +327,24 @@ class Accepted(Message):
 
 @dataclass(frozen=True)
 class SessionOpen(Message):
-    """A fresh session key, RSA-OAEP-wrapped to the attested key (label binds session_id)."""
+    """The client's fresh secret, RSA-OAEP-wrapped to the attested key (label binds session_id)."""
 
     session_id: bytes
-    wrapped_key: bytes
+    wrapped_secret: bytes
     TYPE: ClassVar = MessageType.SESSION_OPEN
     SCHEMA: ClassVar = {"session_id": _bytes(SESSION_ID_SIZE),
-                        "wrapped_key": _bytes(WRAPPED_KEY_SIZE)}
+                        "wrapped_secret": _bytes(RSA_OUTPUT_SIZES)}
 
 
 @dataclass(frozen=True)
 class SessionReady(Message):
+    """The enclave derived the session keys; ``confirmation`` proves it (HMAC over the transcript)."""
+
     session_id: bytes
+    confirmation: bytes
     TYPE: ClassVar = MessageType.SESSION_READY
-    SCHEMA: ClassVar = {"session_id": _bytes(SESSION_ID_SIZE)}
+    SCHEMA: ClassVar = {"session_id": _bytes(SESSION_ID_SIZE),
+                        "confirmation": _bytes(CONFIRMATION_SIZE)}
 
 
 @dataclass(frozen=True)
@@ -371,11 +392,6 @@ MESSAGE_CLASSES = {cls.TYPE: cls for cls in (
     SessionOpen, SessionReady, SessionClassify, SessionResult, ErrorMessage, Goodbye)}
 
 
-def encode_message(message: Message) -> tuple[MessageType, bytes]:
-    """The frame type and body for ``message``."""
-    return message.TYPE, message.to_body()
-
-
 def decode_message(frame: Frame) -> Message:
     """Parse a frame body into its message class.
 
@@ -393,3 +409,89 @@ def decode_message(frame: Frame) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError(f"{cls.TYPE.name}: expected a CBOR map, got {type(data).__name__}")
     return cls.from_fields(data)
+
+
+# -- sealed payloads: the plaintext inside SESSION_CLASSIFY / SESSION_RESULT / SEALED_RESULT --
+#: A prediction names at most this many classes (the model has 7).
+MAX_CLASSES = 16
+MAX_LABEL_TEXT = 128
+
+
+def _check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ProtocolError(f"field {name!r}: expected a probability in [0, 1]")
+    return float(value)
+
+
+def check_prediction(value) -> dict:
+    """A prediction as the enclave sends it: ``{"code", "name", "confidence",
+    "probabilities": {code: p}}``, every field's type and size checked. Raises ProtocolError."""
+    if not isinstance(value, dict) or set(value) != {"code", "name", "confidence", "probabilities"}:
+        raise ProtocolError("prediction: expected fields code, name, confidence, probabilities")
+    probabilities = value["probabilities"]
+    if not isinstance(probabilities, dict) or not 0 < len(probabilities) <= MAX_CLASSES:
+        raise ProtocolError(f"prediction: expected 1..{MAX_CLASSES} probabilities")
+    return {"code": _check_text("code", value["code"], 32),
+            "name": _check_text("name", value["name"], MAX_LABEL_TEXT),
+            "confidence": _check_probability("confidence", value["confidence"]),
+            "probabilities": {_check_text("class", code, 32): _check_probability(code[:32], p)
+                              for code, p in probabilities.items()}}
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """What a SESSION_CLASSIFY carries, sealed: the image bytes."""
+
+    image: bytes
+
+    def encode(self) -> bytes:
+        return cbor2.dumps({"image": self.image})
+
+    @classmethod
+    def decode(cls, data: bytes) -> "ImagePayload":
+        """Raises ProtocolError unless ``data`` is ``{"image": bytes}`` in plain CBOR."""
+        try:
+            value = loads_plain(data)
+        except ProtocolError as exc:
+            raise ProtocolError(f"expected {{'image': bytes}}: {exc}") from None
+        if not isinstance(value, dict) or set(value) != {"image"} or not isinstance(value["image"], bytes):
+            raise ProtocolError("expected {'image': bytes}")
+        return cls(value["image"])
+
+
+@dataclass(frozen=True)
+class ResultPayload:
+    """What a SESSION_RESULT carries, sealed: the answer to request ``request`` (its
+    counter), either a ``prediction`` (see :func:`check_prediction`) or an ``error``
+    ``(code, message)``."""
+
+    request: int
+    prediction: dict | None = None
+    error: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prediction is None) == (self.error is None):
+            raise ValueError("a result payload has exactly one of prediction and error")
+
+    def encode(self) -> bytes:
+        body = {"request": self.request}
+        if self.prediction is not None:
+            body["result"] = self.prediction
+        else:
+            body["error"] = {"code": self.error[0], "message": self.error[1]}
+        return cbor2.dumps(body)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "ResultPayload":
+        """Raises ProtocolError for anything but a well-formed result or error."""
+        value = loads_plain(data)
+        if not isinstance(value, dict) or len(value) != 2 or "request" not in value:
+            raise ProtocolError("expected {'request': n, 'result' | 'error': ...}")
+        request = _check_counter("request", value["request"])
+        if "result" in value:
+            return cls(request, prediction=check_prediction(value["result"]))
+        error = value.get("error")
+        if not isinstance(error, dict) or set(error) != {"code", "message"}:
+            raise ProtocolError("expected {'request': n, 'result' | 'error': ...}")
+        return cls(request, error=(_check_text("code", error["code"], 32),
+                                   _check_text("message", error["message"], MAX_ERROR_TEXT)))
