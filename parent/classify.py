@@ -13,6 +13,7 @@ from pathlib import Path
 from nitrolesion.crypto.envelope import fingerprint
 from nitrolesion.model.labels import CODES
 from nitrolesion.transport import Endpoint
+from nitrolesion.wire.messages import printable
 from parent.enclave_client import EnclaveClient, ImageOutcome
 from parent.images import ImageFileError, expand_images, read_image_file
 
@@ -30,11 +31,11 @@ def read_or_error(path: Path, named: bool) -> bytes | ImageFileError:
 
 def row_of(path: Path, outcome: ImageOutcome) -> dict:
     if outcome.result is None:
-        code, message = outcome.error
-        return {"file": str(path), "error": {"code": code, "message": message}}
+        code, message = outcome.error  # may come from the enclave: make it safe to print
+        return {"file": str(path), "error": {"code": printable(code), "message": printable(message)}}
     result = outcome.result
     top3 = sorted(result["probabilities"].items(), key=lambda item: -item[1])[:3]
-    return {"file": str(path), "code": result["code"], "label": result["name"],
+    return {"file": str(path), "code": printable(result["code"]), "label": printable(result["name"]),
             "confidence": round(result["confidence"], 6),
             "probabilities": {c: round(result["probabilities"][c], 6) for c in CODES},
             "top3": [[c, round(p, 6)] for c, p in top3]}

@@ -353,3 +353,22 @@ def test_peer_error_text_is_made_printable(world):
     event = client.receive(error_frame("BUSY", "try \x1b[2J again\u202e\r\n"))
     assert event == PeerError("BUSY", "try ?[2J again???")
     assert client.state is State.CLOSED
+
+
+def test_a_4096_bit_parent_key_gets_its_results(world):
+    """Sizes follow the key: a 4096-bit parent key's wrapped key is 512 bytes, and the
+    SEALED_RESULT carrying it must decode (protocol 1 fixed it at 384 and every result to
+    such a key failed)."""
+    from Crypto.PublicKey import RSA
+
+    parent_key = RSA.generate(4096)
+    client, enclave = ClientSession(), new_enclave(world)
+    attest(world, client, enclave)
+    _, frame = client.one_shot(b"photo", public_key_der(parent_key))
+    event = enclave.receive(frame)
+    sealed = enclave.one_shot_result(event, b"prediction", 1)
+    received = decode_message(Frame(sealed.TYPE, sealed.to_body()))
+    assert len(received.wrapped_key) == 512
+    envelope = Envelope(received.wrapped_key, received.nonce, received.ciphertext)
+    assert open_envelope(parent_key, envelope,
+                         request_aad(MessageType.SEALED_RESULT, received.request_id)) == b"prediction"
