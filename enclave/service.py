@@ -497,8 +497,13 @@ class ConnectionHandler:
                 if not self._in_flight:
                     self.idle_since = time.monotonic()
             try:
-                frame = self.connection.receive(
-                    timeout=timeout, admit=lambda length: held.append(self._admit(length)))
+                try:
+                    frame = self.connection.receive(
+                        timeout=timeout, admit=lambda length: held.append(self._admit(length)))
+                except BaseException:
+                    for reservation in held:  # a frame that never completed frees its memory
+                        reservation.release()
+                    raise
             except FrameRefused as exc:
                 self.send_error(exc.code, str(exc))
                 return

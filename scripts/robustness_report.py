@@ -71,6 +71,24 @@ FINDINGS = [
     "`tiff_page_without_dimensions`).",
     "**A parent that acks and closes at once made the enclave re-announce in a tight "
     "loop.** Fixed: links that lived under `STABLE_LINK_SECONDS` (10 s) keep backing off.",
+    "**Attack review, protocol 1: a replayed session reused AES-GCM nonces.** The session "
+    "key was the client's alone, so a host replaying a recorded SESSION_OPEN got answers "
+    "sealed under the victim's key and nonces (XOR gave the diagnosis; the GHASH key let it "
+    "forge results). Fixed in protocol 2: the enclave's fresh random value, signed into the "
+    "attestation, enters HKDF-derived per-direction keys with a key confirmation; one-shot "
+    "requests are bound to their connection's HELLO/ATTESTATION (cases "
+    "`sealed_request_replayed`, `sealed_request_twice`; tests/test_replay_regression.py, "
+    "tests/test_protocol.py; docs/HANDSHAKE.md).",
+    "**Attack review: the parent server believed anything on its port.** A forged "
+    "announcement replaced the stored key and forged results were printed, twice. Fixed: "
+    "announcements are verified against the client's trust; results must be RSA-PSS-signed "
+    "by the attested key, within 5 minutes, once per request id (tests/test_parent_server_trust.py).",
+    "**Attack review: memory far beyond the documented sizing** (1.94 GiB for 60 unfinished "
+    "24 MiB frames, 2.43 GiB for 32 images declaring 40 MP, 64 silent connections locking "
+    "clients out). Fixed: one budget derived from `--memory` (nitrolesion/memory_budget.py) "
+    "reserved from frame headers and image headers before anything is buffered or decoded; "
+    "no frame over 4 KiB before attestation; idle connections closed when slots run out "
+    "(section *Memory under attack*; tests/test_memory_budget.py).",
 ]
 #: Peer-specific details (ports, sizes that vary per try) replaced so identical outcomes
 #: are counted together.
@@ -201,8 +219,61 @@ def _outcome_cell(row: Row, limit: int = 3) -> str:
     return _cell("<br>".join(parts))
 
 
+def run_memory_attacks(log) -> list:
+    """The review's memory attacks at its full sizes, on one fresh enclave process."""
+    import memory_attacks as ma
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = ma.new_attack_stack(Path(tmp))
+        try:
+            results = [ma.partial_frames(stack, connections=60),
+                       ma.pixel_bombs(stack, images=32),
+                       ma.combined(stack, connections=60, images=32),
+                       ma.silent_after_hello(stack, connections=64, legit=12)]
+        finally:
+            stack.stop()
+    for result in results:
+        log(result.line())
+    return results
+
+
+#: The review's figures for the same attacks before the memory budget (enclave peak RSS).
+MEMORY_BEFORE = {"partial_frames": "1.94 GiB", "pixel_bombs": "2.43 GiB (~1 GiB, 2.4-5.5 s per decode)",
+                 "combined": "4.0 GiB", "silent_after_hello": "legitimate clients 0/12 for 30 s"}
+
+
+def render_memory(results: list) -> list[str]:
+    import memory_attacks as ma
+    from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
+
+    lines = ["", "## Memory under attack", ""]
+    if not results:
+        return lines + ["Not run this time (`--memory-attacks 0`)."]
+    lines += [
+        f"One fresh enclave process with the production defaults (`--workers 2`, `--memory "
+        f"{RECOMMENDED_ENCLAVE_MIB}`: a budget of {budget_for_enclave_memory() // 2**20} MiB "
+        f"for frames in flight and decoded pixels). Peak RSS is VmHWM, reset before each attack; "
+        f"the process must stay under {ma.PROCESS_LIMIT_MIB} MiB (the recommended --memory less "
+        "the root file system and kernel that share it). Legitimate clients: whole attested "
+        "sessions of one image, started during the attack.",
+        "",
+        "| Attack | Before (review) | Peak RSS | Attackers were answered | Legitimate clients served | Took |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        answers = ", ".join(f"{code} {count}" for code, count in sorted(r.answers.items()))
+        slowest = f" (slowest {max(r.legit_seconds):.2f} s)" if r.legit_seconds else ""
+        lines.append(f"| {_cell(r.summary)} | {MEMORY_BEFORE.get(r.name, '')} | "
+                     f"**{r.peak_rss_mib:.0f} MiB** | {answers} | {r.legit_served}/{r.legit_total}"
+                     f"{slowest} | {r.seconds:.1f} s |")
+    lines += ["", "NO_ANSWER for partial frames: the (at most two) frames the budget admitted, "
+              "still waiting for their last bytes; for silent connections: those not closed "
+              "because no legitimate client needed their slot."]
+    return lines
+
+
 def render(rows: list[Row], fault_rows: list[Row], soak, args, started: datetime,
-           load_before: tuple[float, float, float], seconds: float) -> str:
+           load_before: tuple[float, float, float], seconds: float, memory: list = ()) -> str:
     lines = [
         "# Robustness report",
         "",
@@ -267,6 +338,7 @@ def render(rows: list[Row], fault_rows: list[Row], soak, args, started: datetime
             f"| Enclave open fds | start {soak.fds['start']}, end {soak.fds['end']} |",
             f"| Enclave alive at the end | {soak.enclave_alive} |",
         ]
+    lines += render_memory(list(memory))
     lines += ["", "## What these cases found, and what changed", ""]
     lines += [f"{n}. {text}" for n, text in enumerate(FINDINGS, 1)]
     lines += [
@@ -279,7 +351,8 @@ def render(rows: list[Row], fault_rows: list[Row], soak, args, started: datetime
         "--soak-seconds 120 --soak-clients 32",
         ".venv/bin/python bench/soak.py --seconds 120 --clients 32    # the soak alone",
         ".venv/bin/python -m pytest tests/test_hostile_frames.py tests/test_hostile_crypto.py \\",
-        "    tests/test_hostile_images.py tests/test_faults.py tests/test_message_decoding.py",
+        "    tests/test_hostile_images.py tests/test_faults.py tests/test_message_decoding.py \\",
+        "    tests/test_memory_budget.py tests/test_replay_regression.py",
         "make fuzz FUZZ_SECONDS=60                                # atheris, both harnesses",
         "```",
         "",
@@ -298,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, default=0.0,
                         help="also run the soak this long (0: skip)")
     parser.add_argument("--soak-clients", type=int, default=32)
+    parser.add_argument("--memory-attacks", type=int, choices=(0, 1), default=1,
+                        help="run the memory attacks at the review's sizes (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.fault_runs < 0 or args.soak_seconds < 0:
@@ -310,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows = run_cases(args.runs, args.cases, log)
     fault_rows = run_faults(args.fault_runs, args.cases, log) if args.fault_runs else []
+    memory = run_memory_attacks(log) if args.memory_attacks else []
     soak = None
     if args.soak_seconds:
         from soak import format_result, run_soak
@@ -318,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         log(format_result(soak))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, fault_rows, soak, args, started, load_before,
-                               time.monotonic() - clock))
+                               time.monotonic() - clock, memory))
     log(f"wrote {args.out}")
-    ok = all(row.ok for row in rows + fault_rows) and (
+    import memory_attacks as ma
+
+    ok = all(row.ok for row in rows + fault_rows) and all(
+        r.peak_rss_mib < ma.PROCESS_LIMIT_MIB and r.legit_served == r.legit_total for r in memory) and (
         soak is None or (soak.enclave_alive and not soak.error_count and not soak.wrong))
     return 0 if ok else 1
 
