@@ -1,11 +1,61 @@
-"""Shared fixtures: where the ../shared data is, and a running enclave stack."""
+"""Shared fixtures: where the ../shared data is, and a running enclave stack.
+
+Hypothesis profiles (property tests in test_frames.py, test_message_decoding.py,
+test_preprocess.py, test_attestation_fuzz.py, ...):
+
+* ``ci``: chosen when the environment variable CI is set (our CI sets CI=true).
+  Derandomized: every run draws the same examples, so a red CI run is red again on rerun;
+  a failure prints its ``@reproduce_failure`` blob.
+* ``dev``: the default otherwise (``python3 dev.py test``, plain pytest). Derandomized
+  like ``ci``, so a local run is reproducible too.
+* ``explore``: random examples, 10x as many, failures kept in .hypothesis/ and replayed
+  first on the next run. Only on request::
+
+      .venv/bin/python -m pytest tests/test_preprocess.py --hypothesis-profile=explore
+      HYPOTHESIS_PROFILE=explore python3 dev.py test
+
+  The command-line flag wins over the environment variable, which wins over CI.
+  It raises the default number of examples; a test that sets its own max_examples keeps it
+  unless it asks for ``max(N, settings.default.max_examples)`` as test_preprocess.py does.
+
+A bug found by ``explore`` becomes an explicit regression test (like the mutated TIFFs in
+test_preprocess.py), since derandomized runs are not guaranteed to draw it again.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+#: Derandomized runs: same examples every run; no timing-based failures (deadline, the
+#: too_slow health check), which would make a shared CI runner's result depend on its load.
+_DETERMINISTIC = dict(derandomize=True, database=None, deadline=None, print_blob=True,
+                      suppress_health_check=[HealthCheck.too_slow])
+# Each on top of Hypothesis' "default" profile, not the current one: with CI set, Hypothesis
+# has already loaded its own "ci" profile, and ours must not inherit from whichever it is.
+_BASE = settings.get_profile("default")
+settings.register_profile("ci", _BASE, **_DETERMINISTIC)
+settings.register_profile("dev", _BASE, **_DETERMINISTIC)
+#: 10x Hypothesis' default of 100 examples per test: minutes, not hours, for the suite.
+EXPLORE_EXAMPLES = 1000
+settings.register_profile("explore", _BASE, derandomize=False, max_examples=EXPLORE_EXAMPLES,
+                          print_blob=True)
+
+
+def hypothesis_profile(environ=os.environ) -> str:
+    """The profile to load: $HYPOTHESIS_PROFILE if set, else "ci" when $CI is set, else "dev"."""
+    if environ.get("HYPOTHESIS_PROFILE"):
+        return environ["HYPOTHESIS_PROFILE"]
+    return "ci" if environ.get("CI", "").lower() not in ("", "0", "false") else "dev"
+
+
+# Loaded here, before any test module builds its @settings; hypothesis' pytest plugin then
+# loads --hypothesis-profile, if given, on top.
+settings.load_profile(hypothesis_profile())
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -14,7 +14,8 @@ import numpy as np
 
 from nitrolesion.errors import ModelError
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH, MODELS_DIR, Label, load_labels
-from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, preprocess_image
+from nitrolesion.model.preprocess import (
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, preprocess_image)
 
 DEFAULT_MODEL_PATH = MODELS_DIR / "lesion_classifier.tflite"
 
@@ -105,12 +106,17 @@ class Classifier:
         return raw / total if total > 0 else np.full(len(raw), 1.0 / len(raw))
 
     def classify(self, image: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Prediction:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Prediction:
         """Preprocess encoded image bytes and classify them.
+
+        The limits are preprocess_image's; ``max_decoded_bytes`` bounds the decode's peak
+        memory (``decoded_bytes_estimate(image, self.input_size)`` says how much it will be).
 
         Raises :class:`~nitrolesion.errors.ImageError` for input that is not an acceptable image.
         """
-        pixels = preprocess_image(image, self.input_size, max_bytes=max_bytes, max_pixels=max_pixels)
+        pixels = preprocess_image(image, self.input_size, max_bytes=max_bytes,
+                                  max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
         return self.prediction_from(self.predict_array(pixels))
 
     def prediction_from(self, probabilities: np.ndarray) -> Prediction:
