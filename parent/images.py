@@ -70,7 +70,13 @@ def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE, *,
 
 
 def default_image() -> Path | None:
-    """The first image in sample_images/, else the first in the dataset folder, else None."""
+    """The first image in sample_images/ in sorted order, else the first in the dataset
+    folder, else None.
+
+    The repository ships seven samples there (sample_images/ATTRIBUTION.md), numbered so
+    that the first in sorted order, the ``1_nv_...`` one, is the demo's default; the dataset
+    folder only matters when they were removed.
+    """
     for folder in (SAMPLE_IMAGES_DIR, default_data_dir() / "images"):
         if folder.is_dir():
             found = expand_images([folder])
@@ -81,5 +87,5 @@ def default_image() -> Path | None:
 
 NO_IMAGE_HELP = (
     "no image to send: pass --image PATH, or put a dermatoscopic image in sample_images/ "
-    "(python sample_images/fetch_isic.py downloads a few CC-0 ISIC images), or point "
+    "(the repository ships seven: git checkout -- sample_images restores them), or point "
     "HAM10000_DIR at a HAM10000 folder (default ../shared/ham10000)")

@@ -1,9 +1,10 @@
 """Real Nitro attestation documents, and the synthetic bad cases derived from them.
 
-The real documents are read at test time from ``$ATTESTATION_DOCS_DIR`` (default
-``<project root>/../shared/attestation-docs``) and never copied into the project. Every
-negative case is built here, in memory, from a real document: one edit per case, as in
-nitrite's tests. Run this file to print the derived cases' sizes as a sanity check.
+The real documents are committed in ``tests/fixtures/attestation-docs/`` (its README says
+where each comes from and under which licence), so these tests run on every clone;
+``$ATTESTATION_DOCS_DIR`` reads them from another folder instead. Every negative case is
+built here, in memory, from a real document: one edit per case, as in nitrite's tests. Run
+this file to print the derived cases' sizes as a sanity check.
 """
 
 from __future__ import annotations
@@ -80,19 +81,32 @@ class RealDocument:
         return cbor2.loads(cbor2.loads(self.data)[2])
 
 
+#: The committed copies (tests/fixtures/attestation-docs/README.md).
+FIXTURES_DIR = PROJECT_ROOT / "tests" / "fixtures" / "attestation-docs"
+
+
 def docs_dir() -> Path:
-    return Path(os.environ.get(DOCS_ENV, PROJECT_ROOT.parent / "shared" / "attestation-docs"))
+    """``$ATTESTATION_DOCS_DIR`` if set, else the committed fixtures."""
+    configured = os.environ.get(DOCS_ENV)
+    return Path(configured).expanduser() if configured else FIXTURES_DIR
 
 
 @functools.lru_cache(maxsize=1)
 def real_documents() -> tuple[RealDocument, ...]:
-    """All known fixtures present in ``docs_dir()`` (empty if the directory is absent)."""
+    """All known fixtures present in ``docs_dir()``.
+
+    From the committed folder all five must be there: a missing one is a broken checkout and
+    fails loudly instead of quietly skipping the attestation tests. A folder named in
+    ``$ATTESTATION_DOCS_DIR`` may hold fewer (none: the tests that need them skip).
+    """
     folder = docs_dir()
     found = []
     for name, expected in sorted(EXPECTED.items()):
         path = folder / name
         if path.is_file():
             found.append(RealDocument(name, path.read_bytes(), expected))
+        elif folder == FIXTURES_DIR:
+            raise FileNotFoundError(f"committed attestation fixture {path} is missing")
     return tuple(found)
 
 

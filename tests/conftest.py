@@ -61,13 +61,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir  # noqa: E402
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH  # noqa: E402
+
+
+#: The committed sample images (sample_images/ATTRIBUTION.md): test-split images, one per
+#: diagnosis. Tests that need a few real images use these, so they run on every clone.
+SAMPLE_IMAGES_DIR = ROOT / "sample_images"
+SAMPLE_IMAGE_COUNT = 7
 
 
 @pytest.fixture(scope="session")
 def ham_dir() -> Path:
-    """The HAM10000 folder ($HAM10000_DIR or ../shared/ham10000); skips when absent."""
+    """The HAM10000 folder ($HAM10000_DIR or ../shared/ham10000); skips when absent.
+
+    Only for tests that need the whole dataset (the split, accuracy on the test split,
+    evaluate.py); a few images come from ``test_image_paths`` instead.
+    """
     path = default_data_dir()
     if not (path / "HAM10000_metadata.csv").is_file() or not (path / "images").is_dir():
         pytest.skip(f"HAM10000 data not found at {path} (set HAM10000_DIR)")
@@ -75,9 +85,54 @@ def ham_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def test_image_paths(ham_dir) -> list[Path]:
-    """A few real test-split images, one of several diagnoses."""
-    return [ham_dir / "images" / f"{i}.jpg" for i in load_split("test")[:40:5]]
+def test_image_paths() -> list[Path]:
+    """The committed sample images in sorted order (nv first, then one of each other
+    diagnosis), all from the test split.
+
+    The same images whether or not ../shared is present, so every clone runs the same checks.
+    """
+    paths = sorted(SAMPLE_IMAGES_DIR.glob("*.jpg"))
+    if len(paths) != SAMPLE_IMAGE_COUNT:
+        pytest.fail(f"expected {SAMPLE_IMAGE_COUNT} committed images in {SAMPLE_IMAGES_DIR}, "
+                    f"found {len(paths)}")
+    return paths
+
+
+#: Crop boxes (left, top, right, bottom as fractions) for ``many_image_paths``: each gives
+#: the model a different picture of the same lesion, hence a different answer.
+_CROPS = [(0.0, 0.0, 0.85, 0.85), (0.15, 0.0, 1.0, 0.85), (0.0, 0.15, 0.85, 1.0),
+          (0.15, 0.15, 1.0, 1.0), (0.1, 0.1, 0.9, 0.9), (0.0, 0.0, 0.7, 0.7),
+          (0.3, 0.0, 1.0, 0.7), (0.0, 0.3, 0.7, 1.0), (0.3, 0.3, 1.0, 1.0)]
+
+
+@pytest.fixture(scope="session")
+def many_image_paths(test_image_paths, tmp_path_factory) -> list[Path]:
+    """70 real-photo JPEGs for tests that need many different images (concurrency, batches):
+    the 7 samples, then 9 crops and a quarter turn of each, written to a temporary folder.
+
+    Derived rather than read from ../shared so these tests run on every clone. Ordered round
+    by round (all originals, then every sample's first crop, ...) so neighbours are different
+    lesions. A quarter turn, unlike a mirror image, changes the shipped model's answer (it
+    averages the mirror views).
+    """
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("many-images")
+    originals = [Image.open(path).convert("RGB") for path in test_image_paths]
+    paths = list(test_image_paths)
+    for number, box in enumerate(_CROPS + [None]):
+        for source, image in zip(test_image_paths, originals):
+            if box is None:
+                variant, tag = image.transpose(Image.Transpose.ROTATE_90), "turned"
+            else:
+                width, height = image.size
+                variant = image.crop((round(box[0] * width), round(box[1] * height),
+                                      round(box[2] * width), round(box[3] * height)))
+                tag = f"crop{number}"
+            target = folder / f"{source.stem}-{tag}.jpg"
+            variant.save(target, format="JPEG", quality=90)
+            paths.append(target)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,6 @@ import pytest
 from harness import EnclaveStack
 from nitrolesion.errors import ConnectionClosed
 from nitrolesion.model.classifier import LesionModel, Prediction
-from nitrolesion.model.dataset import load_split
 from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
@@ -49,8 +48,9 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def corpus(ham_dir, reference) -> list[tuple[Path, bytes, Prediction]]:
-    """Real test-split images whose expected probability vectors are pairwise different.
+def corpus(many_image_paths, reference) -> list[tuple[Path, bytes, Prediction]]:
+    """Real images (the committed samples and crops of them: conftest.py many_image_paths)
+    whose expected probability vectors are pairwise different.
 
     With identical expected answers, two images swapped between clients would go unnoticed;
     skipping look-alikes keeps the mix-up checks meaningful for any model (a confident or
@@ -58,8 +58,7 @@ def corpus(ham_dir, reference) -> list[tuple[Path, bytes, Prediction]]:
     """
     needed = CLIENTS * IMAGES_PER_CLIENT
     chosen, seen = [], set()
-    for image_id in load_split("test"):
-        path = ham_dir / "images" / f"{image_id}.jpg"
+    for path in many_image_paths:
         data = path.read_bytes()
         expected = reference.classify(data)
         key = tuple(round(expected.probabilities[c], 6) for c in CODES)
@@ -68,8 +67,9 @@ def corpus(ham_dir, reference) -> list[tuple[Path, bytes, Prediction]]:
             chosen.append((path, data, expected))
             if len(chosen) == needed:
                 return chosen
-    pytest.fail(f"the model gives only {len(chosen)} distinct answers over the test split; "
-                f"expected at least {needed} to tell clients' results apart")
+    pytest.fail(f"the model gives only {len(chosen)} distinct answers over "
+                f"{len(many_image_paths)} images; expected at least {needed} to tell clients' "
+                "results apart")
 
 
 @pytest.fixture(scope="module")
