@@ -228,6 +228,8 @@ def read_image(path: Path) -> bytes:
 
 # -- classify ---------------------------------------------------------------------------
 def cmd_classify(args) -> int:
+    """Classify a batch; Ctrl-C saves the rows done and raises classify.Interrupted,
+    whose text main() prints."""
     from parent.classify import run_classify
 
     return run_classify(args, lambda: trust_of(args))
@@ -291,13 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = sub.add_parser("classify", help="classify images over one attested session and "
                                                "print the results here")
-    classify.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    classify.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID)
-    classify.add_argument("--port", type=int, default=DEFAULT_ENCLAVE_PORT)
-    classify.add_argument("--json", action="store_true", help="print JSON with all 7 probabilities")
-    classify.add_argument("--out", type=Path, help="write results to FILE.csv or FILE.json")
+    classify.add_argument("images", nargs="+", type=Path,
+                          help="image files or folders (each must exist)")
+    classify.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID,
+                          help="enclave CID (default %(default)s)")
+    classify.add_argument("--port", type=int, default=DEFAULT_ENCLAVE_PORT,
+                          help="enclave client port (default %(default)s)")
+    classify.add_argument("--json", action="store_true",
+                          help="print JSON with all 7 probabilities, and the summary as JSON")
+    classify.add_argument("--out", type=Path,
+                          help="write results with their provenance to FILE.csv or FILE.json")
     classify.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
-    classify.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    classify.add_argument("--no-progress", action="store_true",
+                          help="no progress bar (drawn only when stderr is a terminal)")
     add_transport_options(classify)
     add_trust_options(classify)
     classify.set_defaults(func=cmd_classify)
@@ -337,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     except NitroLesionError as exc:
         print(f"parent.py {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: one line, no traceback, 128 + SIGINT. classify raises a KeyboardInterrupt
+        # that says what it saved; elsewhere there is nothing to say but that.
+        print(f"parent.py {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

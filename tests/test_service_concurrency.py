@@ -10,7 +10,6 @@ Some tests drive the session protocol frame by frame (``RawSession``) because
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import ErrorCode, ErrorMessage, Message, ResultPayload, decode_message
-from parent.classify import CSV_COLUMNS
+from parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
 from parent.enclave_client import EnclaveClient
 
 #: Concurrent clients in the many-clients test, and images each one sends.
@@ -336,8 +335,9 @@ def batch(tmp_path_factory, corpus):
 
 
 def run_classify(stack: EnclaveStack, policy: Path, paths: list[Path], out: Path):
+    """classify with --json: the summary on stderr is then JSON (summary_line reads it)."""
     return stack.parent_cli(
-        "classify", *map(str, paths), "--out", str(out), "--no-progress",
+        "classify", *map(str, paths), "--out", str(out), "--no-progress", "--json",
         "--transport", "tcp", "--cid", "16", "--port", str(stack.client_port),
         "--policy", str(policy), "--dev-root", str(stack.dev_root))
 
@@ -362,7 +362,8 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
         total, len(expected), len(failures))
     if suffix == ".json":
         document = json.loads(out.read_text(encoding="utf-8"))
-        assert document["summary"] == summary
+        assert document["summary"] == summary and summary["complete"] is True
+        assert document["provenance"]["notice"] == NOTICE
         rows = {row["file"]: row for row in document["results"]}
         assert len(rows) == len(document["results"]) == total
         for file, prediction in expected.items():
@@ -372,10 +373,9 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
         for file, code in failures.items():
             assert rows[file]["error"]["code"] == code, rows[file]
     else:
-        with open(out, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            assert reader.fieldnames == CSV_COLUMNS
-            table = list(reader)
+        provenance, table = read_results_csv(out)  # provenance: '#' lines before the header
+        assert provenance["notice"] == NOTICE and provenance["complete"] == "true"
+        assert list(table[0]) == CSV_COLUMNS
         rows = {row["file"]: row for row in table}
         assert len(rows) == len(table) == total
         for file, prediction in expected.items():
