@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Set up the project's virtualenv and run a job in it. Needs only Python 3.10+.
 
+    python3 dev.py setup             # only create .venv (then: source .venv/bin/activate)
     python3 dev.py demo [ARGS...]    # the local end-to-end demo (parent.py demo ARGS)
     python3 dev.py test [ARGS...]    # the test suite (pytest ARGS)
     python3 dev.py bench             # the benchmark scripts, one after another
 
 The virtualenv lives in .venv/ and is (re)installed only when a requirements file changed.
+Packages the enclave image pins (enclave/requirements.txt) are installed at exactly those
+versions (pip constraints), so the tests exercise what ships; that needs Python 3.11 or
+newer, as the image runs 3.11 (Python 3.10 gets the newest versions that fit it).
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-REQUIREMENTS = {"demo": "requirements.txt", "test": "requirements-dev.txt",
-                "bench": "requirements-dev.txt"}
+REQUIREMENTS = {"setup": "requirements.txt", "demo": "requirements.txt",
+                "test": "requirements-dev.txt", "bench": "requirements-dev.txt"}
+#: The enclave image's exact pins, used as constraints for the shared packages.
+IMAGE_PINS = ROOT / "enclave" / "requirements.txt"
+#: The oldest Python the image's pins install on (the image itself runs 3.11).
+PINS_PYTHON = (3, 11)
 
 
 def venv_python() -> Path:
@@ -28,18 +36,41 @@ def venv_python() -> Path:
 
 
 def ensure_venv(requirements: str) -> Path:
-    """Create .venv and install ``requirements`` unless the same set is already installed."""
-    files = [ROOT / "requirements.txt", ROOT / requirements]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-    stamp = VENV / f".installed-{requirements}"
-    if stamp.exists() and stamp.read_text() == digest and venv_python().exists():
-        return venv_python()
+    """Create .venv and install ``requirements`` unless the same set is already installed.
+
+    With Python 3.11+ the image's pins constrain the shared packages (a version that
+    drifted, e.g. ml_dtypes, is moved back to the pin), and ``pip check`` must pass.
+    """
     if not venv_python().exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
+    # The venv's Python decides (it may be older than the one running dev.py).
+    version = tuple(int(part) for part in subprocess.run(
+        [str(venv_python()), "-c", "import sys; print(*sys.version_info[:2])"],
+        capture_output=True, text=True, check=True).stdout.split())
+    pinned = version >= PINS_PYTHON
+    files = [ROOT / "requirements.txt", ROOT / requirements, IMAGE_PINS]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)
+                            + f"pinned={pinned}".encode()).hexdigest()
+    stamp = VENV / f".installed-{requirements}"
+    if stamp.exists() and stamp.read_text() == digest:
+        return venv_python()
     print(f"dev.py: installing {requirements} into {VENV}", flush=True)
-    subprocess.run([str(venv_python()), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-r", str(ROOT / requirements)], check=True)
+    pip = [str(venv_python()), "-m", "pip"]
+    command = [*pip, "install", "--quiet", "--disable-pip-version-check",
+               "-r", str(ROOT / requirements)]
+    if pinned:
+        command += ["-c", str(IMAGE_PINS)]
+    else:
+        print(f"dev.py: note: Python {version[0]}.{version[1]} cannot install "
+              "the enclave image's pins (it runs Python 3.11); installing the newest versions "
+              "that fit, so the tests do not run exactly what ships", file=sys.stderr, flush=True)
+    if subprocess.run(command).returncode:
+        sys.exit(f"dev.py: installing {requirements} failed (pip's message above)")
+    check = subprocess.run([*pip, "check", "--disable-pip-version-check"],
+                           capture_output=True, text=True)
+    if check.returncode:  # a package lacks what it requires: not the set that ships
+        sys.exit(f"{check.stdout}{check.stderr}dev.py: `pip check` failed in {VENV}")
     stamp.write_text(digest)
     return venv_python()
 
@@ -53,6 +84,15 @@ def main(argv: list[str]) -> int:
         return 2
     job, rest = argv[0], argv[1:]
     python = str(ensure_venv(REQUIREMENTS[job]))
+    if job == "setup":
+        def shown(path: Path) -> str:
+            relative = os.path.relpath(path)
+            return str(path) if relative.startswith("..") else relative
+
+        script = shown(ROOT / "parent" / "parent.py")
+        print(f"dev.py: {shown(VENV)} is ready: `source {shown(VENV / 'bin' / 'activate')}` then "
+              f"`python {script} ...`, or `{shown(venv_python())} {script} ...`")
+        return 0
     if job == "demo":
         command = [python, str(ROOT / "parent" / "parent.py"), "demo", *rest]
     elif job == "test":

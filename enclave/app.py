@@ -11,11 +11,15 @@ until one request has been answered.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,18 +28,95 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from enclave.service import (  # noqa: E402
-    HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
-from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE  # noqa: E402
-from nitrolesion.attestation.provider import open_attestation_provider  # noqa: E402
-from nitrolesion.enclave_image import image_files  # noqa: E402
-from nitrolesion.errors import NitroLesionError  # noqa: E402
-from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory  # noqa: E402
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
-from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
-from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
-from nitrolesion.transport import TRANSPORTS, default_transport  # noqa: E402
-from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE  # noqa: E402
+#: Third-party modules the enclave needs (enclave/requirements.txt); the TFLite runtime is
+#: ai-edge-litert or, failing that, tflite-runtime.
+REQUIRED_MODULES = ("Crypto", "cbor2", "cryptography", "numpy", "PIL")
+TFLITE_MODULES = ("ai_edge_litert", "tflite_runtime")
+
+
+def environment_problem(problem: str) -> str:
+    """The one line printed instead of a traceback when this Python cannot run the app:
+    how to get the project's environment (the image installs it; off Nitro, .venv does).
+    Standard library only: it runs when the packages are missing."""
+    def shown(path: Path) -> str:
+        relative = os.path.relpath(path)
+        return path.as_posix() if relative.startswith("..") else relative
+
+    venv = ROOT / ".venv"
+    command = (f"`{shown(venv / 'bin' / 'python')} {shown(Path(__file__).resolve())} ...` or "
+               f"`source {shown(venv / 'bin' / 'activate')}` first")
+    if Path(sys.prefix).resolve() == venv.resolve():
+        return (f"app.py: {problem}: .venv is incomplete: remove it and run "
+                f"`python3 {shown(ROOT / 'dev.py')} setup`")
+    if (venv / "bin" / "python").exists():
+        return f"app.py: {problem} in this Python ({sys.executable}): use {command}"
+    return (f"app.py: {problem}: run `python3 {shown(ROOT / 'dev.py')} setup` once to create "
+            f".venv, then use {command}")
+
+
+# Guard the third-party imports: with the system Python (no .venv) a user gets one line
+# saying how to get the environment, not a ModuleNotFoundError traceback.
+if sys.version_info < (3, 10) and __name__ == "__main__":
+    print(environment_problem(f"Python 3.10 or newer is required, this is "
+                              f"{sys.version.split()[0]}"), file=sys.stderr)
+    sys.exit(1)
+try:
+    from enclave.service import (  # noqa: E402
+        HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
+    from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE  # noqa: E402
+    from nitrolesion.attestation.provider import open_attestation_provider  # noqa: E402
+    from nitrolesion.enclave_image import image_files  # noqa: E402
+    from nitrolesion.errors import NitroLesionError  # noqa: E402
+    from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory  # noqa: E402
+    from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
+    from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
+    from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
+    from nitrolesion.transport import (  # noqa: E402
+        TRANSPORTS, check_cid, check_port, default_transport)
+    from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE  # noqa: E402
+
+    for _module in REQUIRED_MODULES:  # imported only once the app runs
+        if importlib.util.find_spec(_module) is None:
+            raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
+    if not any(importlib.util.find_spec(name) for name in TFLITE_MODULES):
+        raise ModuleNotFoundError("No module named 'ai_edge_litert'", name="ai_edge_litert")
+except ModuleNotFoundError as _exc:
+    if __name__ != "__main__" or (_exc.name or "").split(".")[0] in ("nitrolesion", "enclave"):
+        raise  # imported as a library, or our own code is broken: the traceback helps
+    print(environment_problem(f"missing Python packages ({_exc})"), file=sys.stderr)
+    sys.exit(1)
+
+#: Lines the TFLite runtime writes to fd 2 at its start ("INFO: Created TensorFlow Lite
+#: XNNPACK delegate for CPU."): notices for its developers, noise for ours.
+TFLITE_NOTICE = re.compile(rb"^INFO: (Created TensorFlow Lite|Initialized TensorFlow Lite)")
+
+
+@contextlib.contextmanager
+def without_tflite_notices():
+    """Hold fd 2 while the TFLite runtime starts, then pass on everything it caught except
+    the runtime's INFO notices (its C++ code writes them to fd 2, past Python's logging).
+
+    Nothing else is lost: our own log lines and any warning or error are written out, in
+    order, when the block ends. Use it while no other thread writes to stderr.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                kept = [line for line in held.read().splitlines(keepends=True)
+                        if not TFLITE_NOTICE.match(line)]
+                if kept:
+                    with open(2, "wb", closefd=False) as stderr:
+                        stderr.write(b"".join(kept))
+    finally:
+        os.close(saved)
 
 
 def write_dev_policy(authority) -> Path:
@@ -53,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="app.py", description=__doc__.split("\n\n")[0],
         epilog="Without /dev/nsm the enclave refuses to start unless --dev-attestation is given.")
-    parser.add_argument("parent_cid", type=int, help="CID of the parent instance (3 on Nitro)")
-    parser.add_argument("client_port", type=int, help="port to serve clients on (5005)")
-    parser.add_argument("parent_port", type=int, help="parent server port to announce to (5006)")
+    parser.add_argument("parent_cid", type=int, help="CID of the parent instance (3 on Nitro; "
+                                                     "ignored with tcp)")
+    parser.add_argument("client_port", type=int, help="port to serve clients on (5005), 1..65535")
+    parser.add_argument("parent_port", type=int, help="parent server port to announce to (5006), "
+                                                      "1..65535")
     parser.add_argument("--transport", choices=TRANSPORTS, default=default_transport(),
                         help="vsock (default) or tcp for machines without Nitro; "
                              "also set by ENCLAVE_TRANSPORT")
@@ -93,15 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="labels.json matching the model (default: the shipped one)")
     parser.add_argument("--once", action="store_true",
                         help="exit after answering one request (the original demo's behaviour)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log DEBUG lines too (logs go to stderr)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Logs are diagnostics: stderr, like every other message of the app (stdout stays empty).
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stdout)
+                        format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
     log = logging.getLogger("enclave")
+    try:
+        check_cid(args.parent_cid, "parent_cid", 1)
+        check_port(args.client_port, "client_port")
+        check_port(args.parent_port, "parent_port")
+    except ValueError as exc:
+        print(f"app.py: {exc}", file=sys.stderr)
+        return 2
     if args.workers < 1 or args.queue < 1 or args.max_connections < 1:
         print("app.py: --workers, --queue and --max-connections must be at least 1",
               file=sys.stderr)
@@ -126,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         attestor = open_attestation_provider(args.dev_attestation, image_files(ROOT), base=ROOT)
         if getattr(attestor, "is_development", False):
             write_dev_policy(attestor.authority)
-        model = LesionModel(args.model, args.labels)
+        with without_tflite_notices():  # the runtime's notice comes with the first interpreter
+            model = LesionModel(args.model, args.labels)
         config = ServiceConfig(
             transport=args.transport, host=args.host, parent_cid=args.parent_cid,
             client_port=args.client_port, parent_port=args.parent_port, workers=args.workers,
@@ -134,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             io_timeout=args.io_timeout, handshake_timeout=args.handshake_timeout,
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, memory_budget=memory_budget, once=args.once)
-        service = EnclaveService(config, model, attestor)
+        with without_tflite_notices():  # the worker pool makes the other interpreters
+            service = EnclaveService(config, model, attestor)
     except NitroLesionError as exc:
         print(f"enclave: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -164,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
              args.workers, args.model.name, memory_budget // (1024 * 1024), args.memory)
     while server.is_alive():
         server.join(timeout=0.5)
+        if service.parent.fatal is not None:
+            service.shutdown()  # vsock cannot work here: no parent will ever be reached (idempotent)
+    if service.parent.fatal is not None:
+        print(f"enclave: cannot reach the parent: {service.parent.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 

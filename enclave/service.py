@@ -32,7 +32,8 @@ from nitrolesion.memory_budget import (
     FRAME_COPIES, MIB, MemoryBudget, Reservation, budget_for_enclave_memory)
 from nitrolesion.model.classifier import LesionModel, Prediction
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decoded_bytes_estimate
-from nitrolesion.transport import Endpoint, FramedConnection, accept, connect, listen
+from nitrolesion.transport import (
+    Endpoint, FramedConnection, VsockUnavailable, accept, connect, listen)
 from nitrolesion.protocol import (
     AttestationRequested, BadRequest, EnclaveSession, ImageReceived, OneShotReceived,
     SessionOpened, State, error_code, error_frame)
@@ -198,7 +199,19 @@ def prediction_payload(prediction: Prediction) -> dict:
 
 
 class ParentLink:
-    """The enclave's connection to the parent server: announce the key, carry results."""
+    """The enclave's connection to the parent server: announce the key, carry results.
+
+    One thread (``watch``) owns (re)connecting, with backoff; everyone else only asks
+    whether the link is up (``up``, ``wait_up``) and sends on it, so a request never waits
+    behind the watcher's retries. A request that finds the link down is told at once
+    (TransportError with ``unreachable_text``), and ``wait_up`` cuts the watcher's retry backoff short
+    so a server that has just started is found without waiting out the backoff.
+    """
+
+    #: Seconds a one-shot request waits for a link that is down: enough for a watcher woken
+    #: from its backoff to reach a parent server that has just started, short enough that
+    #: the client hears at once when there is none.
+    REQUEST_WAIT = 1.0
 
     def __init__(self, config: ServiceConfig, announce: Callable[[], EnclaveAnnounce],
                  stopping: threading.Event) -> None:
@@ -207,9 +220,35 @@ class ParentLink:
         self._announce = announce
         self._stopping = stopping
         self._timeout = config.io_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _connection and serialises sends on it
         self._connection: FramedConnection | None = None
+        self._up = threading.Event()  # set while an announced connection is open
+        self._wake = threading.Event()  # ends the watcher's retry backoff early
         self.announced = threading.Event()
+        #: Set when the link can never come up here (vsock unusable); the watcher stops
+        #: and the owner (app.py) says why and exits.
+        self.fatal: VsockUnavailable | None = None
+        #: What a one-shot client is told while the link is down (it travels in clear:
+        #: it names the command to run, nothing about any image).
+        self.unreachable_text = ("the enclave cannot reach the parent server (start "
+                                 f"`parent.py server {config.parent_port}`)")
+
+    @property
+    def up(self) -> bool:
+        """True while the key is announced on an open connection to the parent server."""
+        return self._up.is_set()
+
+    def wait_up(self, timeout: float) -> bool:
+        """True if the link is up now or comes up within ``timeout`` seconds.
+
+        Wakes a watcher that is backing off between connection attempts, so it tries now.
+        """
+        if self._up.is_set():
+            return True
+        if self.fatal is not None or self._stopping.is_set():
+            return False
+        self._wake.set()
+        return self._up.wait(timeout)
 
     def _connect_and_announce(self) -> FramedConnection:
         connection = connect(self._endpoint, timeout=self._timeout)
@@ -225,48 +264,62 @@ class ParentLink:
             raise ProtocolError(f"parent answered {type(reply).__name__}, expected AnnounceAck")
         return connection
 
-    def ensure_connected(self, attempts: int | None = None) -> FramedConnection:
-        """Connect and announce, retrying with exponential backoff (forever if attempts is None)."""
-        with self._lock:
-            if self._connection is not None and not self._connection.closed:
-                return self._connection
-            delay, tries = PARENT_BACKOFF[0], 0
-            while not self._stopping.is_set():
-                try:
-                    self._connection = self._connect_and_announce()
-                    log.info("announced public key to parent at %s", self._endpoint)
-                    self.announced.set()
-                    return self._connection
-                except (NitroLesionError, OSError) as exc:
-                    tries += 1
-                    if attempts is not None and tries >= attempts:
-                        raise TransportError(f"parent server unreachable: {exc}") from exc
-                    log.info("parent not reachable (%s); retrying in %.1f s", exc, delay)
-                    self._stopping.wait(delay)
-                    delay = min(delay * 2, PARENT_BACKOFF[1])
-            raise TransportError("shutting down")
+    def _connect_with_backoff(self) -> FramedConnection | None:
+        """Connect and announce, retrying with exponential backoff until it works.
 
-    def send_result(self, result: SealedResult) -> None:
-        """Deliver a sealed result; reconnects once if the link was lost."""
-        for attempt in range(2):
-            connection = self.ensure_connected(attempts=3)
+        None when shutting down, or when vsock cannot work here (``fatal`` is then set).
+        """
+        delay = PARENT_BACKOFF[0]
+        while not self._stopping.is_set():
             try:
-                with self._lock:
+                return self._connect_and_announce()
+            except VsockUnavailable as exc:  # no retry can help; app.py reports it and exits
+                self.fatal = exc
+                return None
+            except (NitroLesionError, OSError) as exc:
+                log.info("parent not reachable (%s); retrying in %.1f s", exc, delay)
+            self._wake.wait(delay)  # a request waiting for the link cuts this short
+            self._wake.clear()
+            delay = min(delay * 2, PARENT_BACKOFF[1])
+        return None
+
+    def send_result(self, result: SealedResult, wait: float) -> None:
+        """Deliver a sealed result on the link, waiting at most ``wait`` seconds for it to
+        be up; if the link breaks during the send, once more on the next one.
+
+        Raises TransportError: ``unreachable_text`` if the link is not up in time, the
+        send's own error if the second send fails too.
+        """
+        for attempt in range(2):
+            if not self.wait_up(wait):
+                raise TransportError(self.unreachable_text)
+            with self._lock:
+                connection = self._connection
+                if connection is None or connection.closed:
+                    continue  # lost between wait_up and here: wait for the next one
+                try:
                     connection.send(result.TYPE, result.to_body())
-                return
-            except TransportError:
-                connection.close()
-                if attempt:
-                    raise
+                    return
+                except TransportError:
+                    # Wake the watcher's read with EOF: it drops the link and reconnects.
+                    self._up.clear()
+                    connection.shutdown_read()
+                    if attempt:
+                        raise
+        raise TransportError(self.unreachable_text)
 
     def watch(self) -> None:
         """Keep the link up: announce at boot, and again whenever the parent goes away."""
         delay = PARENT_BACKOFF[0]
         while not self._stopping.is_set():
-            try:
-                connection = self.ensure_connected()
-            except TransportError:
+            connection = self._connect_with_backoff()
+            if connection is None:
                 return
+            with self._lock:
+                self._connection = connection
+            self._up.set()
+            self.announced.set()
+            log.info("announced public key to parent at %s", self._endpoint)
             up_since = time.monotonic()
             # The parent never sends on this link after the ack; a read returns only when
             # it closes (restart), and then we reconnect and announce again.
@@ -275,19 +328,27 @@ class ParentLink:
                 reason = "the parent sent an unexpected frame"
             except (NitroLesionError, OSError) as exc:
                 reason = str(exc)
-            connection.close()
+            self._up.clear()
+            with self._lock:
+                connection.close()
+                self._connection = None
             if time.monotonic() - up_since >= STABLE_LINK_SECONDS:
                 delay = PARENT_BACKOFF[0]
                 log.info("parent link lost (%s); announcing again", reason)
                 continue
+            # A link the parent dropped soon after the ack keeps backing off (no early
+            # wake here), so a flapping host cannot make us re-attest in a tight loop.
             log.info("parent link lost after %.1f s (%s); announcing again in %.1f s",
                      time.monotonic() - up_since, reason, delay)
             self._stopping.wait(delay)
             delay = min(delay * 2, PARENT_BACKOFF[1])
 
     def close(self) -> None:
+        self._up.clear()
+        self._wake.set()  # a watcher in its backoff sees the stop flag now
         with self._lock:
             if self._connection is not None:
+                self._connection.shutdown_read()  # a blocked read in watch() ends too
                 self._connection.close()
 
 
@@ -566,6 +627,14 @@ class ConnectionHandler:
 
     # -- one-shot requests (parent.py client) ------------------------------------------
     def one_shot(self, request: OneShotReceived) -> bool:
+        """Classify one sealed image and deliver the sealed result to the parent server.
+
+        The result can only go to the parent, so a link that is down is reported first,
+        before the image is classified, as UNAVAILABLE naming the command to run."""
+        link = self.service.parent
+        if not link.wait_up(link.REQUEST_WAIT):
+            self.send_error(ErrorCode.UNAVAILABLE, link.unreachable_text)
+            return True
         finished = threading.Event()
         outcome: dict = {}
 
@@ -594,9 +663,14 @@ class ConnectionHandler:
         plaintext = cbor2.dumps(prediction_payload(outcome["prediction"]))
         try:
             issued_at_ms = int(time.time() * 1000)
-            self.service.parent.send_result(self.session.one_shot_result(request, plaintext, issued_at_ms))
+            link.send_result(self.session.one_shot_result(request, plaintext, issued_at_ms),
+                             wait=link.REQUEST_WAIT)
         except NitroLesionError as exc:
-            self.send_error(ErrorCode.UNAVAILABLE, f"could not deliver the result to the parent: {exc}")
+            # Lost while classifying. Transport errors name endpoints, never the image.
+            text = str(exc)
+            if text != link.unreachable_text:
+                text = f"{link.unreachable_text}; the result could not be delivered: {exc}"
+            self.send_error(ErrorCode.UNAVAILABLE, text)
             return True
         log.info("one-shot request classified and delivered (%d bytes in)", len(request.image))
         self.send(self.session.accepted(request.request_id))

@@ -8,15 +8,20 @@ Two transports carry the same frames:
   Enclave CIDs are ignored and the endpoint's ``host`` (default 127.0.0.1) is used.
 
 Socket exceptions are translated here into TransportError (with ``from exc``), and frame
-parsing is delegated to the sans-I/O nitrolesion.wire.frames.FrameDecoder.
+parsing is delegated to the sans-I/O nitrolesion.wire.frames.FrameDecoder. When AF_VSOCK
+cannot work on this machine at all (no vsock transport, not permitted), the error is
+:class:`VsockUnavailable` and its message names ``--transport tcp``, so every command says
+so at once instead of waiting for a peer that can never answer.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,14 +36,21 @@ from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
 
 __all__ = [
     "DEFAULT_BACKLOG",
+    "MAX_PORT",
+    "MIN_ENCLAVE_CID",
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "Endpoint",
     "FramedConnection",
+    "VsockUnavailable",
     "accept",
+    "check_cid",
+    "check_port",
     "connect",
     "default_transport",
     "listen",
+    "local_vsock_cid",
+    "no_enclave_here",
 ]
 
 TRANSPORTS = ("vsock", "tcp")
@@ -55,7 +67,36 @@ MAX_TCP_PORT = 2**16 - 1
 MAX_VSOCK_CID = 2**32 - 1
 # Linux's VMADDR_CID_ANY, used when the running Python lacks the constant.
 _VMADDR_CID_ANY = MAX_VSOCK_CID
-_VSOCK_HINT = "use --transport tcp or ENCLAVE_TRANSPORT=tcp"
+_VSOCK_HINT = "off Nitro, use --transport tcp (or ENCLAVE_TRANSPORT=tcp)"
+#: Ports the commands accept, for both transports: the same command line must work over
+#: vsock on Nitro and over TCP off it, and TCP ports are 16-bit (0 would mean "any").
+MIN_PORT, MAX_PORT = 1, MAX_TCP_PORT
+#: nitro-cli run-enclave --enclave-cid takes 4 and up: 0-2 are reserved, 3 is the parent.
+MIN_ENCLAVE_CID = 4
+#: <linux/vm_sockets.h> IOCTL_VM_SOCKETS_GET_LOCAL_CID, i.e. _IO(7, 0xb9), on /dev/vsock.
+_IOCTL_GET_LOCAL_CID = 0x7B9
+VSOCK_DEVICE = "/dev/vsock"
+_LOOPBACK_MODULE = "/sys/module/vsock_loopback"
+#: The Nitro Enclaves driver's device on a parent instance (nitro-cli needs it).
+NITRO_ENCLAVES_DEVICE = "/dev/nitro_enclaves"
+#: errno values that mean vsock itself cannot work here (no transport for the address,
+#: family missing, not permitted), as opposed to nothing listening at the other end.
+_VSOCK_UNUSABLE = frozenset({
+    errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EOPNOTSUPP,
+    errno.ENODEV, errno.ENXIO, errno.ENOENT, errno.ENETUNREACH, errno.EHOSTUNREACH,
+    errno.EPERM,
+})
+#: Seconds a vsock connect may take. The local kernel answers a vsock connect at once
+#: (accepted, reset, or its own 2 s connect timeout); waiting longer only delays the error.
+VSOCK_CONNECT_TIMEOUT = 10.0
+
+
+class VsockUnavailable(TransportError):
+    """AF_VSOCK cannot be used on this machine (not a Nitro parent or enclave): use tcp."""
+
+
+def _unavailable(reason: str) -> str:
+    return f"vsock is not available on this machine ({reason}): {_VSOCK_HINT}"
 
 
 
@@ -85,6 +126,57 @@ def default_transport(environ: Mapping[str, str] | None = None) -> str:
             f"{TRANSPORT_ENV} must be one of {', '.join(TRANSPORTS)}; got {value!r}"
         )
     return value
+
+
+def check_port(value: int, what: str = "port") -> int:
+    """Return ``value`` if it is a port the commands accept (1..65535).
+
+    Raises ValueError with a one-line message naming ``what`` otherwise.
+    """
+    if not _is_uint(value, MAX_PORT) or value < MIN_PORT:
+        raise ValueError(f"{what} must be between {MIN_PORT} and {MAX_PORT}, got {value}")
+    return value
+
+
+def check_cid(value: int, what: str = "CID", minimum: int = 0) -> int:
+    """Return ``value`` if it can be a vsock CID, at least ``minimum`` (MIN_ENCLAVE_CID for
+    an enclave). VMADDR_CID_ANY (4294967295) means "any" and is nobody's address.
+
+    Raises ValueError with a one-line message naming ``what`` otherwise.
+    """
+    if not _is_uint(value, MAX_VSOCK_CID - 1) or value < minimum:
+        raise ValueError(f"{what} must be between {minimum} and {MAX_VSOCK_CID - 1}, got {value}")
+    return value
+
+
+def local_vsock_cid(device: str = VSOCK_DEVICE) -> int | None:
+    """This machine's vsock CID as the kernel reports it, or None if it cannot be asked
+    (no device node, e.g. in a container, or no permission to open it).
+
+    VMADDR_CID_ANY (4294967295) means the kernel has no vsock transport at all.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        import fcntl
+
+        raw = fcntl.ioctl(fd, _IOCTL_GET_LOCAL_CID, bytes(4))
+        return int.from_bytes(raw[:4], sys.byteorder)
+    except (OSError, ImportError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def no_enclave_here(device: str = NITRO_ENCLAVES_DEVICE) -> bool:
+    """True if this machine has no Nitro Enclaves driver, so no enclave can run beside it.
+
+    Only a hint: a container on a parent instance may lack the device node, so nothing
+    is refused on this alone.
+    """
+    return not os.path.exists(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,21 +225,40 @@ def _new_socket(transport: str) -> socket.socket:
             raise TransportError(f"cannot create a TCP socket: {exc}") from exc
     family = getattr(socket, "AF_VSOCK", None)
     if family is None:
-        raise TransportError(f"AF_VSOCK is not supported by this Python build; {_VSOCK_HINT}")
+        raise VsockUnavailable(_unavailable("this Python has no AF_VSOCK"))
     try:
-        return socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        raise TransportError(
-            f"AF_VSOCK is not available on this kernel ({exc.strerror or exc}); {_VSOCK_HINT}"
-        ) from exc
+        raise VsockUnavailable(_unavailable(exc.strerror or str(exc))) from exc
+    # A kernel with the vsock module but no transport (a laptop, most CI) creates, binds
+    # and listens on vsock sockets happily, and nothing can ever connect: say so now.
+    # (vsock_loopback alone also reports no CID, yet serves CID 1: leave that one be.)
+    if local_vsock_cid() == _VMADDR_CID_ANY and not os.path.isdir(_LOOPBACK_MODULE):
+        sock.close()
+        raise VsockUnavailable(_unavailable("the kernel has no vsock transport"))
+    return sock
+
+
+def _vsock_connect_error(endpoint: Endpoint, exc: OSError) -> TransportError:
+    """The error for a failed vsock connect: VsockUnavailable when vsock cannot work here,
+    otherwise "nothing answered" with the hint that fits this machine."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _VSOCK_UNUSABLE:
+        return VsockUnavailable(_unavailable(f"{reason} connecting to {endpoint}"))
+    if endpoint.cid >= MIN_ENCLAVE_CID and no_enclave_here():
+        return TransportError(f"cannot connect to {endpoint}: {reason}; this machine has no "
+                              f"{NITRO_ENCLAVES_DEVICE}, so no enclave runs beside it: {_VSOCK_HINT}")
+    return TransportError(f"cannot connect to {endpoint}: {reason} (is it running and "
+                          f"listening there?); {_VSOCK_HINT}")
 
 
 def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
     """Open a connection to ``endpoint`` and wrap it in a FramedConnection.
 
-    ``timeout`` (seconds, None = block) bounds the connect and becomes the connection's
-    default per-operation timeout. Raises TransportError if AF_VSOCK is unavailable, the
-    connection is refused, or the connect does not complete within ``timeout``.
+    ``timeout`` (seconds, None = block) bounds the connect (a vsock connect at most
+    VSOCK_CONNECT_TIMEOUT) and becomes the connection's default per-operation timeout.
+    Raises VsockUnavailable if vsock cannot work here, TransportError if the connection is
+    refused or reset, TransportTimeout if it does not complete in time.
     """
     if endpoint.transport == "tcp":
         try:
@@ -161,16 +272,16 @@ def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
         sock = _new_socket("vsock")
+        wait = VSOCK_CONNECT_TIMEOUT if timeout is None else min(timeout, VSOCK_CONNECT_TIMEOUT)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(wait)
             sock.connect(endpoint.address)
-        except TimeoutError as exc:
-            sock.close()
-            raise TransportTimeout(
-                f"connecting to {endpoint} timed out after {timeout} s") from exc
         except OSError as exc:
             sock.close()
-            raise TransportError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # our timer, not the kernel's ETIMEDOUT
+                raise TransportTimeout(f"connecting to {endpoint} timed out after {wait:g} s; "
+                                       f"{_VSOCK_HINT}") from exc
+            raise _vsock_connect_error(endpoint, exc) from exc
     return FramedConnection(sock, timeout=timeout)
 
 
@@ -180,7 +291,8 @@ def listen(endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     vsock binds VMADDR_CID_ANY (the endpoint's cid is ignored: an enclave or a parent
     listens on its own CID); tcp binds ``endpoint.host`` with SO_REUSEADDR so a restarted
     server can rebind at once. Port 0 picks a free port (read it with getsockname()).
-    Raises TransportError if AF_VSOCK is unavailable or the bind/listen fails.
+    Raises VsockUnavailable if vsock cannot work here, TransportError if the bind/listen
+    fails otherwise (e.g. the port is in use).
     """
     sock = _new_socket(endpoint.transport)
     try:
@@ -193,7 +305,10 @@ def listen(endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise TransportError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from exc
+        reason = exc.strerror or str(exc)
+        if endpoint.transport == "vsock" and exc.errno in _VSOCK_UNUSABLE:
+            raise VsockUnavailable(_unavailable(f"{reason} listening on port {endpoint.port}")) from exc
+        raise TransportError(f"cannot listen on {endpoint}: {reason}") from exc
     return sock
 
 

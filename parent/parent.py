@@ -18,6 +18,7 @@ an enclave unless a PCR policy pins its image: --policy FILE, or the policy that
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -32,15 +33,59 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nitrolesion.attestation.errors import AttestationError, InvalidPolicy  # noqa: E402
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
-from nitrolesion.crypto.envelope import fingerprint, public_key_der  # noqa: E402
-from nitrolesion.crypto.keystore import (  # noqa: E402
-    ParentKeyStore, check_private_folder, default_key_dir, ensure_private_folder,
-    write_private_file)
-from nitrolesion.errors import NitroLesionError, RemoteError  # noqa: E402
-from nitrolesion.transport import TRANSPORTS, Endpoint, default_transport  # noqa: E402
-from nitrolesion.wire.messages import printable  # noqa: E402
+#: Third-party modules the commands import, some only when they run (requirements.txt).
+REQUIRED_MODULES = ("Crypto", "cbor2", "cryptography", "numpy", "PIL", "tqdm")
+
+
+def environment_problem(script: str, problem: str) -> str:
+    """The one line printed instead of a traceback when this Python cannot run ``script``
+    (a path relative to the project, e.g. "parent/parent.py"): how to get the project's
+    environment. Standard library only: it runs when the packages are missing."""
+    def shown(path: Path) -> str:
+        relative = os.path.relpath(path)
+        return path.as_posix() if relative.startswith("..") else relative
+
+    venv = ROOT / ".venv"
+    python, activate = shown(venv / "bin" / "python"), shown(venv / "bin" / "activate")
+    command = f"`{python} {shown(ROOT / script)} ...` or `source {activate}` first"
+    name = Path(script).name
+    if Path(sys.prefix).resolve() == venv.resolve():
+        return (f"{name}: {problem}: .venv is incomplete: remove it and run "
+                f"`python3 {shown(ROOT / 'dev.py')} setup`")
+    if (venv / "bin" / "python").exists():
+        return f"{name}: {problem} in this Python ({sys.executable}): use {command}"
+    return (f"{name}: {problem}: run `python3 {shown(ROOT / 'dev.py')} setup` once to create "
+            f".venv, then use {command}")
+
+
+# Guard the third-party imports: with the system Python (no .venv) a user gets one line
+# saying how to get the environment, not a ModuleNotFoundError traceback.
+if sys.version_info < (3, 10) and __name__ == "__main__":
+    print(environment_problem("parent/parent.py", "Python 3.10 or newer is required, this is "
+                              f"{sys.version.split()[0]}"), file=sys.stderr)
+    sys.exit(1)
+try:
+    from nitrolesion.attestation.errors import AttestationError, InvalidPolicy  # noqa: E402
+    from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
+    from nitrolesion.crypto.envelope import fingerprint, public_key_der  # noqa: E402
+    from nitrolesion.crypto.keystore import (  # noqa: E402
+        ParentKeyStore, check_private_folder, default_key_dir, ensure_private_folder,
+        write_private_file)
+    from nitrolesion.errors import NitroLesionError, RemoteError  # noqa: E402
+    from nitrolesion.transport import (  # noqa: E402
+        MIN_ENCLAVE_CID, TRANSPORTS, Endpoint, check_cid, check_port, default_transport,
+        no_enclave_here)
+    from nitrolesion.wire.messages import printable  # noqa: E402
+
+    for _module in REQUIRED_MODULES:  # those imported only when a command runs
+        if importlib.util.find_spec(_module) is None:
+            raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
+except ModuleNotFoundError as _exc:
+    if __name__ != "__main__" or (_exc.name or "").split(".")[0] in ("nitrolesion", "parent"):
+        raise  # imported as a library, or our own code is broken: the traceback helps
+    print(environment_problem("parent/parent.py", f"missing Python packages ({_exc})"),
+          file=sys.stderr)
+    sys.exit(1)
 
 #: CID the enclave runs at in the README's nitro-cli command, and its client port.
 DEFAULT_ENCLAVE_CID = 16
@@ -75,7 +120,8 @@ def add_trust_options(parser: argparse.ArgumentParser, *, timeout: bool = True) 
     parser.add_argument("--policy", type=Path,
                         help="JSON attestation policy (allowed PCR sets, debug, max age); "
                              f"default: {POLICY_FILE} in the key folder, installed by "
-                             "`parent.py trust FILE`; see README 'Attestation policy'")
+                             "`parent.py trust FILE`; see docs/ATTESTATION.md, section "
+                             "'Attestation policy'")
     parser.add_argument("--dev-root", type=Path, action="append", default=[],
                         help="DEVELOPMENT ONLY: also trust this root PEM (the dev authority's "
                              "dev_root.pem); the pinned AWS root stays trusted")
@@ -99,11 +145,13 @@ def key_dir_of(args) -> Path:
 def load_policy(args) -> AttestationPolicy:
     """The PCR policy: --policy, else the one installed in the key folder; with
     --insecure-any-enclave, any PCRs (loudly). Raises NoPolicy when there is none."""
+    from nitrolesion.attestation.cli import policy_problem
+
     if args.policy:
         try:
             return AttestationPolicy.from_json_file(args.policy)
         except InvalidPolicy as exc:
-            raise UsageError(f"--policy {args.policy}: {exc}") from exc
+            raise UsageError(policy_problem(args.policy, exc, f"--policy {args.policy}")) from exc
     installed = key_dir_of(args) / POLICY_FILE
     if installed.exists():
         check_private_folder(key_dir_of(args))
@@ -114,7 +162,8 @@ def load_policy(args) -> AttestationPolicy:
         try:
             return AttestationPolicy.from_json_file(installed)
         except InvalidPolicy as exc:
-            raise NoPolicy(f"{installed}: {exc}; install a good one with `parent.py trust FILE`") from exc
+            raise NoPolicy(f"{policy_problem(installed, exc)}; install a good one with "
+                           "`parent.py trust FILE`") from exc
     if getattr(args, "insecure_any_enclave", False):
         print("WARNING: --insecure-any-enclave: PCRs are NOT checked; any enclave image with a "
               "valid attestation is trusted. Never use this outside tests.", file=sys.stderr)
@@ -141,10 +190,12 @@ def trust_of(args):
 # -- trust ------------------------------------------------------------------------------
 def cmd_trust(args) -> int:
     """Check a policy (or nitro-cli measurements) and install it as the default."""
+    from nitrolesion.attestation.cli import policy_problem
+
     try:
         policy = AttestationPolicy.from_json_file(args.file)
     except InvalidPolicy as exc:
-        raise UsageError(f"{args.file}: {exc}") from exc
+        raise UsageError(policy_problem(args.file, exc)) from exc
     key_dir = key_dir_of(args)
     ensure_private_folder(key_dir)
     path = write_private_file(key_dir, POLICY_FILE,
@@ -169,6 +220,11 @@ def cmd_server(args) -> int:
     trust = trust_of(args)
     key = ParentKeyStore(key_dir_of(args)).load_or_create()
     endpoint = Endpoint(transport_of(args), 0xFFFFFFFF, args.port, args.host)
+    if endpoint.transport == "vsock" and no_enclave_here():
+        # Not refused: a container on a parent instance may lack the device node.
+        print("parent.py server: note: this machine has no /dev/nitro_enclaves, so no enclave "
+              "runs beside it; off Nitro, use --transport tcp (or ENCLAVE_TRANSPORT=tcp)",
+              file=sys.stderr, flush=True)
     printing = threading.Lock()  # connection threads report at once; keep lines whole
 
     def show(event) -> None:
@@ -260,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = sub.add_parser("server", help="listen for the enclave's key and sealed results")
-    server.add_argument("port", type=int, help="parent port the enclave connects to (5006)")
+    server.add_argument("port", type=int, help="parent port the enclave connects to (5006), "
+                                               "1..65535")
     server.add_argument("--max-connections", type=_positive(int), default=server_limits.MAX_CONNECTIONS,
                         help="connections served at once; more are refused (default %(default)s)")
     server.add_argument("--io-timeout", type=_positive(float), default=server_limits.IO_TIMEOUT,
@@ -283,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser("client", help="attest the enclave and send one sealed image; "
                                            "the server prints the result")
-    client.add_argument("cid", type=int, help="enclave CID (16)")
-    client.add_argument("port", type=int, help="enclave client port (5005)")
+    client.add_argument("cid", type=int, help="enclave CID (16): the --enclave-cid given to "
+                                              "nitro-cli run-enclave, 4 or more; ignored with tcp")
+    client.add_argument("port", type=int, help="enclave client port (5005), 1..65535")
     client.add_argument("--image", type=Path, help="image to send (default: first of "
                                                    "sample_images/, else the dataset folder)")
     add_transport_options(client)
@@ -321,6 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_addresses(args) -> None:
+    """Ports and CIDs that cannot be are usage errors (exit 2), before anything starts.
+
+    Ports are 1..65535 for both transports (one command line works on and off Nitro);
+    an enclave's CID is at least 4, as nitro-cli run-enclave --enclave-cid requires.
+    Raises UsageError.
+    """
+    option = "--" if args.command == "classify" else ""  # classify takes them as options
+    try:
+        if getattr(args, "cid", None) is not None:
+            check_cid(args.cid, f"{option}cid" if option else "enclave CID", MIN_ENCLAVE_CID)
+        if getattr(args, "port", None) is not None:
+            check_port(args.port, f"{option}port")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify-attestation":
@@ -330,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_addresses(args)
         return args.func(args)
     except UsageError as exc:
         print(f"parent.py {args.command}: {exc}", file=sys.stderr)

@@ -7,11 +7,11 @@ has everything it needs (and nothing from the project's own environment leaks in
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -50,16 +50,83 @@ def test_enclave_requirements_are_pinned():
             assert re.match(r"^[A-Za-z0-9_.\-]+==[0-9][^ ;]*( *;.*)?$", line), line
 
 
+PINS = PROJECT_ROOT / "enclave" / "requirements.txt"
+#: What python:3.11-slim brings besides the pins (pip's own tooling).
+BASE_PACKAGES = {"pip", "setuptools", "wheel"}
+
+
+def pinned_versions() -> dict[str, str]:
+    """{canonical name: version} of enclave/requirements.txt, markers evaluated here."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in PINS.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
+                (spec,) = requirement.specifier
+                pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def image_python() -> str:
+    """An interpreter like the image's (python:3.11-slim): this one if it is 3.11+, which
+    the pins need, else a python3.11 on PATH; skips when there is none."""
+    if sys.version_info >= (3, 11):
+        return sys.executable
+    found = shutil.which("python3.11")
+    if found is None:
+        pytest.skip("the image runs Python 3.11 and its pins need it; no python3.11 here")
+    return found
+
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory) -> Path:
-    """A virtualenv with only the enclave's pinned requirements (no project venv packages)."""
+    """A virtualenv with only the enclave's pinned requirements (no project venv packages),
+    installed as the Dockerfile does: exact pins, --no-deps."""
     root = tmp_path_factory.mktemp("enclave-venv")
-    venv.EnvBuilder(with_pip=True).create(root)
+    subprocess.run([image_python(), "-m", "venv", str(root)], check=True, timeout=300)
     python = root / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--no-deps", "-r", str(PROJECT_ROOT / "enclave" / "requirements.txt")],
-                   check=True, timeout=900)
+                    "--no-deps", "-r", str(PINS)], check=True, timeout=900)
     return python
+
+
+def test_image_venv_holds_exactly_the_pins_and_pip_check_passes(image_venv):
+    """--no-deps installs only what is listed, so a missing dependency would go unnoticed
+    until the image fails at run time: pip check must find every requirement met."""
+    from packaging.utils import canonicalize_name
+
+    listed = subprocess.run([str(image_venv), "-m", "pip", "list", "--format=json",
+                             "--disable-pip-version-check"],
+                            capture_output=True, text=True, check=True, timeout=120)
+    installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+    for name in BASE_PACKAGES:
+        installed.pop(name, None)
+    assert installed == pinned_versions()
+    check = subprocess.run([str(image_venv), "-m", "pip", "check", "--disable-pip-version-check"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_tests_run_the_image_versions_of_shared_packages():
+    """dev.py installs the project's venv with the image's pins as constraints, so what
+    the tests import is what ships (Python 3.11+, which the pins need)."""
+    if sys.version_info < (3, 11):
+        pytest.skip("the image's pins need Python 3.11+; dev.py installs the nearest versions")
+    from importlib.metadata import PackageNotFoundError, version
+
+    drifted = {}
+    for name, pinned in pinned_versions().items():
+        try:
+            here = version(name)
+        except PackageNotFoundError:
+            continue  # the image needs it, these tests do not (none today)
+        if here != pinned:
+            drifted[name] = f"{here} here, {pinned} in the image"
+    assert not drifted, f"run `python3 dev.py test` to reinstall .venv: {drifted}"
 
 
 def copy_image_tree(destination: Path) -> Path:
@@ -86,7 +153,6 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
     from nitrolesion.attestation.dev_authority import DevAttestationAuthority
     from nitrolesion.attestation.policy import AttestationPolicy
     from nitrolesion.enclave_image import image_files
-    import json
 
     # The PCRs of the copied tree, pinned before anything runs: the server believes only an
     # announcement attested with them (the enclave then reuses this development authority).

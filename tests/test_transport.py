@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import socket
 import threading
+import time
 
 import pytest
 
@@ -15,6 +19,7 @@ from nitrolesion.transport import (
     accept,
     connect,
     default_transport,
+    free_tcp_port,
     listen,
 )
 from nitrolesion.wire.frames import Frame, MessageType, encode_frame
@@ -190,35 +195,115 @@ def test_default_transport():
         default_transport({"ENCLAVE_TRANSPORT": "carrier-pigeon"})
 
 
-def _vsock_works() -> bool:
-    try:
-        socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
-    except (AttributeError, OSError):
-        return False
-    return True
+def test_port_and_cid_checks():
+    assert transport.check_port(1) == 1 and transport.check_port(65535) == 65535
+    for bad in (0, -1, 65536, 99999, True):
+        with pytest.raises(ValueError, match=f"port must be between 1 and 65535, got {bad}"):
+            transport.check_port(bad)
+    assert transport.check_cid(16, minimum=transport.MIN_ENCLAVE_CID) == 16
+    for bad in (3, 2**32 - 1, 2**32, -1):
+        with pytest.raises(ValueError, match="enclave CID must be between 4 and 4294967294"):
+            transport.check_cid(bad, "enclave CID", transport.MIN_ENCLAVE_CID)
 
 
-@pytest.mark.skipif(_vsock_works(), reason="AF_VSOCK sockets can be created on this kernel")
-def test_vsock_unavailable_message_genuine():
-    with pytest.raises(TransportError, match="use --transport tcp or ENCLAVE_TRANSPORT=tcp"):
-        connect(Endpoint("vsock", cid=16, port=5005), timeout=1)
+VSOCK_HINT = r"off Nitro, use --transport tcp \(or ENCLAVE_TRANSPORT=tcp\)"
 
 
-def test_vsock_unavailable_message_simulated(monkeypatch):
-    # Simulates a kernel without the vsock module (socket() fails with EAFNOSUPPORT), so
-    # the message is checked even where vsock works.
+def test_vsock_off_nitro_fails_at_once_genuine():
+    """Whatever this machine's vsock is (none, a kernel without transport, a VM without
+    enclaves), connecting to an enclave fails within seconds and names --transport tcp.
+    The kernel answers a vsock connect at once or after its own 2 s timeout."""
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=VSOCK_HINT):
+        connect(Endpoint("vsock", cid=16, port=free_tcp_port()), timeout=60)
+    assert time.monotonic() - started < transport.VSOCK_CONNECT_TIMEOUT + 2
+
+
+class FakeVsock:
+    """A vsock socket whose bind/connect fail with a chosen errno, as kernels do."""
+
+    def __init__(self, error: int) -> None:
+        self.error = error
+
+    def settimeout(self, _timeout) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _fail(self, *_args) -> None:
+        raise OSError(self.error, os.strerror(self.error))
+
+    connect = bind = _fail
+
+
+@pytest.fixture
+def fake_vsock(monkeypatch):
+    """Make AF_VSOCK sockets FakeVsock(errno) and pretend the kernel has a vsock CID."""
     real_socket = socket.socket
+    state = {"error": errno.ENODEV, "create": None}
 
     def fake_socket(family=-1, *args, **kwargs):
         if family == getattr(socket, "AF_VSOCK", object()):
-            raise OSError(97, "Address family not supported by protocol")
+            if state["create"] is not None:
+                raise OSError(state["create"], os.strerror(state["create"]))
+            return FakeVsock(state["error"])
         return real_socket(family, *args, **kwargs)
 
+    monkeypatch.setattr(socket, "AF_VSOCK", getattr(socket, "AF_VSOCK", 40), raising=False)
     monkeypatch.setattr(transport.socket, "socket", fake_socket)
-    for call in (
-        lambda: connect(Endpoint("vsock", cid=16, port=5005), timeout=1),
-        lambda: listen(Endpoint("vsock", cid=16, port=5005)),
-    ):
-        with pytest.raises(TransportError, match="AF_VSOCK is not available on this kernel.*"
-                           "use --transport tcp or ENCLAVE_TRANSPORT=tcp"):
+    monkeypatch.setattr(transport, "local_vsock_cid", lambda: 3)
+    return state
+
+
+@pytest.mark.parametrize("error", [errno.ENODEV, errno.EPERM, errno.ENETUNREACH,
+                                   errno.EAFNOSUPPORT])
+def test_vsock_unusable_errors_say_so(fake_vsock, error):
+    fake_vsock["error"] = error
+    reason = re.escape(os.strerror(error))
+    with pytest.raises(transport.VsockUnavailable,
+                       match=f"^vsock is not available on this machine \\({reason} connecting to "
+                             f"vsock:16:5005\\): {VSOCK_HINT}$"):
+        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+    with pytest.raises(transport.VsockUnavailable,
+                       match=f"^vsock is not available on this machine \\({reason} listening on "
+                             f"port 5005\\): {VSOCK_HINT}$"):
+        listen(Endpoint("vsock", cid=16, port=5005))
+
+
+def test_vsock_socket_creation_failure_says_so(fake_vsock):
+    # A kernel without the vsock module: socket() fails with EAFNOSUPPORT.
+    fake_vsock["create"] = errno.EAFNOSUPPORT
+    for call in (lambda: connect(Endpoint("vsock", cid=16, port=5005), timeout=1),
+                 lambda: listen(Endpoint("vsock", cid=16, port=5005))):
+        with pytest.raises(transport.VsockUnavailable,
+                           match=f"Address family not supported by protocol\\): {VSOCK_HINT}"):
             call()
+
+
+def test_vsock_without_transport_says_so(fake_vsock, monkeypatch):
+    # The module is loaded but no transport is (a laptop): binds would "work", nothing
+    # could ever connect. The kernel reports VMADDR_CID_ANY as the local CID.
+    monkeypatch.setattr(transport, "local_vsock_cid", lambda: 2**32 - 1)
+    monkeypatch.setattr(transport, "_LOOPBACK_MODULE", "/nonexistent")
+    with pytest.raises(transport.VsockUnavailable, match="no vsock transport"):
+        listen(Endpoint("vsock", cid=16, port=5005))
+
+
+@pytest.mark.parametrize("error", [errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED])
+def test_vsock_nothing_listening_names_the_hint(fake_vsock, monkeypatch, error):
+    # vsock works but nothing answers: not "unavailable", yet the hint is there, and on a
+    # machine without the Nitro Enclaves driver it says that no enclave runs here.
+    fake_vsock["error"] = error
+    monkeypatch.setattr(transport, "no_enclave_here", lambda: True)
+    with pytest.raises(TransportError, match="no /dev/nitro_enclaves, so no enclave runs beside "
+                                             f"it: {VSOCK_HINT}") as info:
+        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+    assert not isinstance(info.value, transport.VsockUnavailable)
+    monkeypatch.setattr(transport, "no_enclave_here", lambda: False)
+    with pytest.raises(TransportError, match=f"is it running and listening there\\?\\); {VSOCK_HINT}"):
+        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+
+
+def test_local_vsock_cid_without_device(tmp_path):
+    assert transport.local_vsock_cid(str(tmp_path / "no-such-device")) is None

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--at-ms", metavar="MS", type=int, help="verify as of this Unix time in milliseconds")
     parser.add_argument(
         "--policy", metavar="FILE", type=Path,
-        help="JSON policy with the allowed PCRs (see README); without it PCRs are NOT checked",
+        help="JSON policy with the allowed PCRs (see docs/ATTESTATION.md, section 'Attestation "
+        "policy'); without it PCRs are NOT checked",
     )
     parser.add_argument("--allow-debug", action="store_true", help="accept debug-mode (all-zero PCR) enclaves")
     parser.add_argument(
@@ -138,12 +139,31 @@ def _load_policy(args: argparse.Namespace) -> AttestationPolicy:
     try:
         policy = AttestationPolicy.from_json_file(args.policy)
     except InvalidPolicy as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(policy_problem(args.policy, exc, f"--policy {args.policy}")) from exc
     if args.allow_debug and not policy.allow_debug:
         policy = AttestationPolicy(
             allowed_pcr_sets=policy.allowed_pcr_sets, allow_debug=True, max_age=policy.max_age
         )
     return policy
+
+
+def policy_problem(path: Path, exc: InvalidPolicy, label: str | None = None) -> str:
+    """"LABEL: what is wrong" for a policy file that did not load, naming the file once.
+
+    ``label`` defaults to the path ("--policy p.json" for an option). InvalidPolicy's
+    messages about the file itself already start with "policy file PATH: ", and those
+    about its content with "policy: "; that prefix is dropped for the label.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        # str(OSError) names the path a third time: keep only the reason.
+        return f"{label or path}: expected a readable file, got {cause.strerror}"
+    text = str(exc)
+    for prefix in (f"policy file {path}: ", "policy: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    return f"{label or path}: {text}"
 
 
 def _load_roots(path: Path) -> list[x509.Certificate]:
