@@ -19,18 +19,22 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+# The project (nitrolesion) and this folder (train.py's modules).
+sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
-# train imports no TensorFlow at module level: argument errors still come before it loads.
-import train  # noqa: E402
+# These import no TensorFlow at module level: argument errors still come before it loads.
+from train_export import (VIEW_COUNTS, export_tflite, runtime_latency_ms,  # noqa: E402
+                          with_flip_averaging)
+from train_network import build_model, fetch_backbone  # noqa: E402
+from train_selection import LATENCY_BUDGET_MS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", type=int, nargs="*", default=[192, 208, 224],
                         help="square input sides to time (default: 192 208 224)")
-    parser.add_argument("--views", nargs="+", choices=tuple(train.VIEW_COUNTS),
-                        default=list(train.VIEW_COUNTS),
+    parser.add_argument("--views", nargs="+", choices=tuple(VIEW_COUNTS),
+                        default=list(VIEW_COUNTS),
                         help="flips: four mirror views (the shipped form); mirror: two "
                              "(default: both)")
     parser.add_argument("--build", type=Path, default=ROOT.parent / "build",
@@ -39,21 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     if any(size < 32 for size in args.sizes):
         parser.error("sizes must be at least 32 pixels")
 
-    weights = train.fetch_backbone(args.build)
+    weights = fetch_backbone(args.build)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in args.sizes:
-            network, _ = train.build_model(size, weights, 0.0, 0, "train")
+            network, _ = build_model(size, weights, 0.0, 0, "train")
             for views in args.views:
                 path = Path(scratch) / f"{size}-{views}.tflite"
-                train.export_tflite(train.with_flip_averaging(network, views), "float16",
-                                    None, path)
-                rows.append((size, train.VIEW_COUNTS[views], train.runtime_latency_ms(path)))
+                export_tflite(with_flip_averaging(network, views), "float16", None, path)
+                rows.append((size, VIEW_COUNTS[views], runtime_latency_ms(path)))
     # The table comes last: the TFLite converter prints its own notes to stdout.
-    print(f"budget: {train.LATENCY_BUDGET_MS:.0f} ms per photo (90 % of the 30 ms target)")
+    print(f"budget: {LATENCY_BUDGET_MS:.0f} ms per photo (90 % of the 30 ms target)")
     print(f"{'size':>5} {'views':>6} {'ms/photo':>9}  fits")
     for size, views, ms in rows:
-        fits = "yes" if ms <= train.LATENCY_BUDGET_MS else "no"
+        fits = "yes" if ms <= LATENCY_BUDGET_MS else "no"
         print(f"{size:>5} {views:>6} {ms:>9.1f}  {fits}")
     return 0
 

