@@ -1121,7 +1121,8 @@ def fault_parent_restarted(tmp: Path, model: LesionModel | None = None) -> Outco
         key = fingerprints(stack.server)[-1]
         enclave_mark = len(stack.enclave.lines)
         stack.server.stop()
-        time.sleep(0.5)  # the enclave sees the link drop and starts backing off
+        # the enclave sees the link drop and starts backing off (its log says when)
+        stack.enclave.wait_for(r"parent link lost", start=enclave_mark, timeout=10)
         started = time.monotonic()
         stack.start_server()
         match = stack.server.wait_for(KEY_LINE, timeout=30)

@@ -56,7 +56,7 @@ def slow_stack(tmp_path_factory, model_present):
     running = EnclaveStack(tmp_path_factory.mktemp("slow-stack"), enclave_args=("--workers", "1"),
                            start_server=False)
     yield running
-    running.stop()
+    running.stop(wait=False)
 
 
 def synthetic_jpegs(folder: Path, count: int) -> list[Path]:

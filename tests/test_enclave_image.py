@@ -82,15 +82,38 @@ def image_python() -> str:
     return found
 
 
+def _outer_pip_can_target() -> bool:
+    """Whether this interpreter's pip has ``--python`` (pip 22.3+) to work on another env."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(part) for part in version("pip").split(".")[:2]) >= (22, 3)
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
+def pip_command(python: Path) -> list[str]:
+    """``pip`` acting on the virtualenv of ``python``: this interpreter's pip with --python
+    when it can (the venv then needs no pip of its own), else the venv's own pip."""
+    if _outer_pip_can_target():
+        return [sys.executable, "-m", "pip", "--python", str(python)]
+    return [str(python), "-m", "pip"]
+
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory) -> Path:
     """A virtualenv with only the enclave's pinned requirements (no project venv packages),
     installed as the Dockerfile does: exact pins, --no-deps."""
     root = tmp_path_factory.mktemp("enclave-venv")
-    subprocess.run([image_python(), "-m", "venv", str(root)], check=True, timeout=300)
+    # Speed (14 s -> 5 s): no pip bootstrapped into the venv when ours can install into it
+    # (ensurepip took ~2.5 s), and no byte-compiling of the whole of numpy & co. at install
+    # (the enclave compiles the modules it imports). What is installed is the same.
+    without_pip = ["--without-pip"] if _outer_pip_can_target() else []
+    subprocess.run([image_python(), "-m", "venv", *without_pip, str(root)], check=True,
+                   timeout=300)
     python = root / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--no-deps", "-r", str(PINS)], check=True, timeout=900)
+    subprocess.run([*pip_command(python), "install", "--quiet", "--disable-pip-version-check",
+                    "--no-deps", "--no-compile", "-r", str(PINS)], check=True, timeout=900)
     return python
 
 
@@ -99,14 +122,14 @@ def test_image_venv_holds_exactly_the_pins_and_pip_check_passes(image_venv):
     until the image fails at run time: pip check must find every requirement met."""
     from packaging.utils import canonicalize_name
 
-    listed = subprocess.run([str(image_venv), "-m", "pip", "list", "--format=json",
+    listed = subprocess.run([*pip_command(image_venv), "list", "--format=json",
                              "--disable-pip-version-check"],
                             capture_output=True, text=True, check=True, timeout=120)
     installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(listed.stdout)}
     for name in BASE_PACKAGES:
         installed.pop(name, None)
     assert installed == pinned_versions()
-    check = subprocess.run([str(image_venv), "-m", "pip", "check", "--disable-pip-version-check"],
+    check = subprocess.run([*pip_command(image_venv), "check", "--disable-pip-version-check"],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from Crypto.PublicKey import RSA
 from Crypto.Util.asn1 import DerSequence
 
 from nitrolesion.crypto.envelope import (
@@ -176,8 +175,8 @@ def test_public_key_der_round_trip_and_fingerprint(key):
 
 
 @pytest.fixture(scope="module")
-def small_key():
-    return RSA.generate(2048)
+def small_key(rsa_key):
+    return rsa_key(2048)
 
 
 def test_small_rsa_key_refused(small_key):

@@ -43,7 +43,7 @@ def test_budget_follows_the_recommended_enclave_memory():
 def attack_stack(tmp_path_factory, model_present):
     stack = attacks.new_attack_stack(tmp_path_factory.mktemp("memory"))
     yield stack
-    stack.stop()
+    stack.stop(wait=False)
 
 
 def check(result: attacks.AttackResult) -> None:

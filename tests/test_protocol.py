@@ -355,13 +355,11 @@ def test_peer_error_text_is_made_printable(world):
     assert client.state is State.CLOSED
 
 
-def test_a_4096_bit_parent_key_gets_its_results(world):
+def test_a_4096_bit_parent_key_gets_its_results(world, rsa_key):
     """Sizes follow the key: a 4096-bit parent key's wrapped key is 512 bytes, and the
     SEALED_RESULT carrying it must decode (protocol 1 fixed it at 384 and every result to
     such a key failed)."""
-    from Crypto.PublicKey import RSA
-
-    parent_key = RSA.generate(4096)
+    parent_key = rsa_key(4096)
     client, enclave = ClientSession(), new_enclave(world)
     attest(world, client, enclave)
     _, frame = client.one_shot(b"photo", public_key_der(parent_key))

@@ -76,7 +76,7 @@ def shared_stack(tmp_path_factory, model_present):
     """One parent server + enclave (default workers and queue) for the non-destructive tests."""
     running = EnclaveStack(tmp_path_factory.mktemp("shared-stack"))
     yield running
-    running.stop()
+    running.stop(wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_full_queue_answers_busy_and_the_enclave_keeps_serving(tmp_path, corpus)
         # ... and a new client is served as well.
         assert_serves_new_session(stack, trust, corpus[0])
     finally:
-        stack.stop()
+        stack.stop(wait=False)
 
 
 # -- counters and session binding ----------------------------------------------------------
