@@ -2,7 +2,8 @@
 # No keys and no rngd at build time: the enclave makes its key pair in memory at boot.
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# PYTHONPATH: the package is imported from the copied tree (nothing of it is pip-installed).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/app
 WORKDIR /app
 
 # Exact pins, no dependency resolution at build time: the same requirements give the same

@@ -6,7 +6,9 @@
     python3 dev.py test [ARGS...]    # the test suite (pytest ARGS)
     python3 dev.py bench             # the benchmark scripts, one after another
 
-The virtualenv lives in .venv/ and is (re)installed only when a requirements file changed.
+The virtualenv lives in .venv/ and is (re)installed only when a requirements file changed;
+the project itself is installed into it in editable mode (pyproject.toml, reinstalled when
+that file changes), so ``import nitrolesion`` works from any script, test or folder.
 Packages the enclave image pins (enclave/requirements.txt) are installed at exactly those
 versions (pip constraints), so the tests exercise what ships; that needs Python 3.11 or
 newer, as the image runs 3.11 (Python 3.10 gets the newest versions that fit it).
@@ -75,6 +77,22 @@ def ensure_venv(requirements: str) -> Path:
     return venv_python()
 
 
+def install_project() -> None:
+    """Install this checkout into .venv in editable mode, unless pyproject.toml is unchanged
+    since the last install. ``--no-deps``: the requirements files (with the image's pins)
+    are the one place dependencies are resolved."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp = VENV / ".installed-project"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    print(f"dev.py: installing the project into {VENV} (editable)", flush=True)
+    command = [str(venv_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+               "--no-deps", "--editable", str(ROOT)]
+    if subprocess.run(command).returncode:
+        sys.exit("dev.py: installing the project failed (pip's message above)")
+    stamp.write_text(digest)
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):
         print("dev.py: Python 3.10 or newer is required", file=sys.stderr)
@@ -84,6 +102,7 @@ def main(argv: list[str]) -> int:
         return 2
     job, rest = argv[0], argv[1:]
     python = str(ensure_venv(REQUIREMENTS[job]))
+    install_project()
     if job == "setup":
         def shown(path: Path) -> str:
             relative = os.path.relpath(path)

@@ -132,7 +132,7 @@ class Tally:
 def client_loop(index: int, stack: EnclaveStack, trust, images: list[bytes],
                 expected: list[dict], deadline: float, per_session: int, tally: Tally) -> None:
     """Sessions of ``per_session`` random images each, until the deadline."""
-    from parent.enclave_client import EnclaveClient
+    from nitrolesion.parent.enclave_client import EnclaveClient
 
     rng = random.Random(index)
     while time.monotonic() < deadline:

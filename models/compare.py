@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nitrolesion.model.dataset import default_data_dir, read_metadata  # noqa: E402
-from nitrolesion.model.metrics import (  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir, read_metadata
+from nitrolesion.model.metrics import (
     CONFIDENCE_LEVEL, headline_figures, lesion_bootstrap, zero_width_note)
-from nitrolesion.model.predictions import read_predictions  # noqa: E402
+from nitrolesion.model.predictions import read_predictions
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,17 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nitrolesion.errors import NitroLesionError  # noqa: E402
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
-from nitrolesion.model.dataset import (  # noqa: E402
+from nitrolesion.errors import NitroLesionError
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
+from nitrolesion.model.dataset import (
     SPLIT_NAMES, default_data_dir, image_path, load_split, read_metadata)
-from nitrolesion.model.labels import DEFAULT_LABELS_PATH  # noqa: E402
-from nitrolesion.model.metrics import (  # noqa: E402
+from nitrolesion.model.labels import DEFAULT_LABELS_PATH
+from nitrolesion.model.metrics import (
     CONFIDENCE_LEVEL, calibration, headline_figures, lesion_bootstrap, summarize,
     zero_width_note)
-from nitrolesion.model.predictions import Predictions, write_predictions  # noqa: E402
+from nitrolesion.model.predictions import Predictions, write_predictions
 
 
 def upscaled(data: bytes, factor: int) -> bytes:

@@ -19,14 +19,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# The project (nitrolesion) and this folder (train.py's modules).
-sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
 # These import no TensorFlow at module level: argument errors still come before it loads.
-from train_export import (VIEW_COUNTS, export_tflite, runtime_latency_ms,  # noqa: E402
+from train_export import (VIEW_COUNTS, export_tflite, runtime_latency_ms,
                           with_flip_averaging)
-from train_network import build_model, fetch_backbone  # noqa: E402
-from train_selection import LATENCY_BUDGET_MS  # noqa: E402
+from train_network import build_model, fetch_backbone
+from train_selection import LATENCY_BUDGET_MS
 
 
 def main(argv: list[str] | None = None) -> int:

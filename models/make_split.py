@@ -13,9 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nitrolesion.model.dataset import SPLITS_DIR, default_data_dir, make_split, read_metadata  # noqa: E402
+from nitrolesion.model.dataset import SPLITS_DIR, default_data_dir, make_split, read_metadata
 
 
 def main(argv: list[str] | None = None) -> int:

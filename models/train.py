@@ -64,21 +64,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# The project (nitrolesion) and this folder (the train_* modules), also when this file is
-# imported rather than run.
-sys.path[:0] = [str(ROOT), str(ROOT / "models")]
 
-from nitrolesion.model.dataset import default_data_dir  # noqa: E402
-from nitrolesion.model.metrics import summarize  # noqa: E402
-from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE  # noqa: E402
-from train_data import (IMAGES_FOLDER, METADATA_FILE, class_codes, class_counts,  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir
+from nitrolesion.model.metrics import summarize
+from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE
+from train_data import (IMAGES_FOLDER, METADATA_FILE, class_codes, class_counts,
                         class_weights, load_images, split_labels)
-from train_export import (VIEW_COUNTS, calibration_images, export_candidates,  # noqa: E402
+from train_export import (VIEW_COUNTS, calibration_images, export_candidates,
                           export_tflite, shipped_form, tflite_predict, write_atomically)
-from train_network import (Recipe, add_output_bias, fetch_backbone, fine_tune,  # noqa: E402
+from train_network import (Recipe, add_output_bias, fetch_backbone, fine_tune,
                            mean_weights)
-from train_report import brief, log  # noqa: E402
-from train_selection import (ACCURACY_TARGET, BALANCED_ACCURACY_TARGET,  # noqa: E402
+from train_report import brief, log
+from train_selection import (ACCURACY_TARGET, BALANCED_ACCURACY_TARGET,
                              LATENCY_BUDGET_MS, SIZE_BUDGET_BYTES, EpochChoice, Validation,
                              choose_alpha, choose_file, in_average_window, linear_probe,
                              prior_bias)

@@ -1,6 +1,7 @@
 """The project's exception hierarchy, in one place.
 
     NitroLesionError                 base: everything this package raises on purpose
+    ├── UsageError                   bad arguments or options (a CLI exits 2)
     ├── ImageError                   the bytes are not an image we accept
     ├── ModelError                   the model file or labels are missing or inconsistent
     ├── ProtocolError                the peer sent bytes that are not a valid frame
@@ -28,6 +29,10 @@ from __future__ import annotations
 
 class NitroLesionError(Exception):
     """Base class for every error this package raises on purpose."""
+
+
+class UsageError(NitroLesionError):
+    """Bad command-line arguments or options: the CLI prints the text and exits 2."""
 
 
 class ImageError(NitroLesionError):

@@ -351,9 +351,6 @@ def synthetic_document(
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(PROJECT_ROOT))
     for doc in real_documents():
         print(doc.name, len(doc.data), len(substitute_root(doc.data)), len(flip_signature_byte(doc.data, 0)))
     if not real_documents():

@@ -58,11 +58,9 @@ def hypothesis_profile(environ=os.environ) -> str:
 settings.load_profile(hypothesis_profile())
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from nitrolesion.model.dataset import default_data_dir  # noqa: E402
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH  # noqa: E402
+from nitrolesion.model.dataset import default_data_dir
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
 
 
 #: The committed sample images (sample_images/ATTRIBUTION.md): test-split images, one per

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
-from nitrolesion.transport import free_tcp_port as free_port  # noqa: E402
+from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.transport import free_tcp_port as free_port
 PYTHON = sys.executable
 ENCLAVE_APP = ROOT / "enclave" / "app.py"
 PARENT_CLI = ROOT / "parent" / "parent.py"
@@ -163,7 +161,7 @@ class EnclaveStack:
     def trust(self):
         """A Trust pinned to this enclave's development PCRs and root."""
         from nitrolesion.attestation.trust import load_pem_roots
-        from parent.enclave_client import Trust
+        from nitrolesion.parent.enclave_client import Trust
 
         return Trust(AttestationPolicy.for_dev_pcrs(self.authority.pcrs), load_pem_roots(self.dev_root))
 

@@ -30,7 +30,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -41,30 +40,26 @@ from typing import Callable
 import cbor2
 from PIL import Image, ImageDraw, ImageFilter
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from harness import EnclaveStack  # noqa: E402
-from nitrolesion.crypto.envelope import (  # noqa: E402
+from harness import EnclaveStack
+from nitrolesion.crypto.envelope import (
     generate_keypair, load_public_key, new_request_id, public_key_der, request_aad,
     seal, sealed_request_aad)
-from nitrolesion.crypto.keystore import ParentKeyStore  # noqa: E402
-from nitrolesion.crypto.keywrap import wrap_session_secret  # noqa: E402
-from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_secret  # noqa: E402
-from nitrolesion.protocol import ClientSession, SessionEstablished  # noqa: E402
-from nitrolesion.errors import (  # noqa: E402
+from nitrolesion.crypto.keystore import ParentKeyStore
+from nitrolesion.crypto.keywrap import wrap_session_secret
+from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_secret
+from nitrolesion.protocol import ClientSession, SessionEstablished
+from nitrolesion.errors import (
     ConnectionClosed, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
-from nitrolesion.transport import Endpoint, FramedConnection, connect  # noqa: E402
-from nitrolesion.wire.frames import HEADER, MAGIC, PROTOCOL_VERSION, MessageType, encode_frame  # noqa: E402
-from nitrolesion.wire.messages import (  # noqa: E402
+from nitrolesion.model.classifier import LesionModel
+from nitrolesion.transport import Endpoint, FramedConnection, connect
+from nitrolesion.wire.frames import HEADER, MAGIC, PROTOCOL_VERSION, MessageType, encode_frame
+from nitrolesion.wire.messages import (
     MAX_ERROR_TEXT, AnnounceAck, Attestation, EnclaveAnnounce, ErrorMessage, Hello,
     ResultPayload, SealedRequest, SessionClassify, SessionOpen, SessionResult, decode_message)
-from parent.enclave_client import EnclaveClient  # noqa: E402
-from parent.server import load_announcement  # noqa: E402
+from nitrolesion.parent.enclave_client import EnclaveClient
+from nitrolesion.parent.server import load_announcement
 
 # -- the stack every case runs against ---------------------------------------------------
 #: Short server timeouts so slow-peer cases take about a second, not the production 5-30 s.

@@ -34,7 +34,7 @@ from nitrolesion.memory_budget import MIB, RECOMMENDED_ENCLAVE_MIB, SYSTEM_MIB
 from nitrolesion.protocol import AttestationReceived, ClientSession
 from nitrolesion.wire.frames import HEADER, MAGIC, PROTOCOL_VERSION, FrameDecoder, MessageType, encode_frame
 from nitrolesion.wire.messages import ErrorMessage, decode_message
-from parent.enclave_client import EnclaveClient
+from nitrolesion.parent.enclave_client import EnclaveClient
 
 #: What the enclave process may use at most: the recommended --memory less the root file
 #: system and kernel that share it (nitrolesion/memory_budget.py).

@@ -31,9 +31,10 @@ import pytest
 from PIL import Image
 
 from harness import PARENT_CLI, PYTHON, ROOT, EnclaveStack, free_port, tcp_env, write_dev_policy
+import nitrolesion
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
-from parent import classify
-from parent.classify import (
+from nitrolesion.parent import classify
+from nitrolesion.parent.classify import (
     CSV_COLUMNS, INTERRUPTED, NOTICE, close_progress, open_progress, read_results_csv,
     summary_of, summary_text, write_results)
 
@@ -272,7 +273,7 @@ def test_ctrl_c_without_out_prints_the_rows_done(tmp_path, capsys):
 
 
 def test_main_turns_ctrl_c_into_one_line_and_130(monkeypatch, capsys):
-    import parent.parent as cli
+    import nitrolesion.parent.cli as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -389,7 +390,7 @@ def test_results_files_carry_their_provenance(slow_stack, tmp_path, suffix, poli
         assert provenance["pcrs_checked"] is True and provenance["enclave_debug_mode"] is False
         assert len(document["results"]) == 7
     assert provenance["notice"] == NOTICE == "research demonstrator, not a medical device"
-    assert provenance["tool_version"] == classify.TOOL_VERSION
+    assert provenance["tool_version"] == nitrolesion.__version__
     for key in ("started_utc", "finished_utc", "enclave_attested_utc"):
         moment = datetime.fromisoformat(provenance[key])
         assert moment.utcoffset() == timedelta(0), key

@@ -70,19 +70,14 @@ def test_missing_packages_is_one_line_on_how_to_get_them(bare_python, script, ar
     assert "source .venv/bin/activate" in lines[0]
 
 
-@pytest.mark.parametrize("module", ["parent.parent", "enclave.app"])
-def test_missing_packages_without_venv_says_to_create_it(module, tmp_path, monkeypatch):
-    import importlib
+@pytest.mark.parametrize("script", ["parent/parent.py", "enclave/app.py"])
+def test_missing_packages_without_venv_says_to_create_it(script, tmp_path, monkeypatch):
+    from nitrolesion.environment import environment_problem
 
-    script = importlib.import_module(module)
-    monkeypatch.setattr(script, "ROOT", tmp_path)  # a clone where .venv was never made
-    monkeypatch.chdir(tmp_path)
-    if module == "parent.parent":
-        line = script.environment_problem("parent/parent.py", "missing Python packages (x)")
-    else:
-        line = script.environment_problem("missing Python packages (x)")
+    monkeypatch.chdir(tmp_path)  # a clone where .venv was never made
+    line = environment_problem(script, "missing Python packages (x)", root=tmp_path)
     assert "missing Python packages (x): run `python3 dev.py setup` once to create .venv, " \
-           "then use `.venv/bin/python " in line
+           f"then use `.venv/bin/python {script} ...`" in line
     assert line.endswith("or `source .venv/bin/activate` first")
 
 
@@ -241,9 +236,9 @@ def test_enclave_refuses_impossible_ports_and_cids(args, line):
 def all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every parser a user can ask for --help: parent.py and its commands, the real
     verify-attestation parser, and the enclave app."""
-    from enclave.app import build_parser as enclave_parser
+    from nitrolesion.enclave.app import build_parser as enclave_parser
     from nitrolesion.attestation.cli import build_parser as verify_parser
-    from parent.parent import build_parser as parent_parser
+    from nitrolesion.parent.cli import build_parser as parent_parser
 
     top = parent_parser()
     parsers = {"parent.py": top, "parent.py verify-attestation": verify_parser(),
@@ -346,7 +341,7 @@ def test_enclave_logs_to_stderr_without_the_tflite_notice(tmp_path, model_presen
 
 
 def test_tflite_notice_filter_keeps_everything_else(capfd):
-    from enclave.app import without_tflite_notices
+    from nitrolesion.enclave.app import without_tflite_notices
 
     with without_tflite_notices():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")

@@ -234,7 +234,6 @@ def test_draft_keeps_real_photos_within_tolerance(test_image_paths):
 # -- measured peak memory ------------------------------------------------------------------
 _PEAK_CHILD = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
 from nitrolesion.errors import ImageError
 from nitrolesion.model.preprocess import preprocess_image
 

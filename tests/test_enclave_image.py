@@ -38,6 +38,7 @@ def test_dockerfile_copies_exactly_the_image_paths():
     assert "FROM python:3.11-slim" in text
     assert 'CMD ["python", "-u", "enclave/app.py", "3", "5005", "5006"]' in text
     assert "pip install --no-cache-dir --no-deps -r /app/enclave/requirements.txt" in text
+    assert re.search(r"^ENV .*\bPYTHONPATH=/app\b", text, re.MULTILINE)  # the package's home
     instructions = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
     for line in instructions:  # no keys made or copied at build time, no rngd
         assert not re.search(r"rngd|\.pem|genrsa|keygen|private", line, re.IGNORECASE), line
@@ -172,7 +173,7 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
     key_dir, dev_dir = tmp_path / "parent-keys", tmp_path / "dev"
     parent_port, client_port = free_port(), free_port()
     env = tcp_env(key_dir)
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(app_dir)  # as the Dockerfile's ENV PYTHONPATH=/app
     from nitrolesion.attestation.dev_authority import DevAttestationAuthority
     from nitrolesion.attestation.policy import AttestationPolicy
     from nitrolesion.enclave_image import image_files

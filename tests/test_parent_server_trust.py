@@ -27,8 +27,8 @@ from nitrolesion.transport import Endpoint, connect, free_tcp_port
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorMessage, SealedResult, decode_message)
-from parent.enclave_client import Trust
-from parent.server import ANNOUNCE_FILE, RESULT_WINDOW, ParentServer, load_announcement
+from nitrolesion.parent.enclave_client import Trust
+from nitrolesion.parent.server import ANNOUNCE_FILE, RESULT_WINDOW, ParentServer, load_announcement
 
 PREDICTION = {"code": "mel", "name": "Melanoma", "confidence": 0.9,
               "probabilities": {"mel": 0.9, "nv": 0.1}}

@@ -17,7 +17,7 @@ from nitrolesion.model.labels import CODES
 from nitrolesion.transport import connect
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import ErrorMessage, decode_message
-from parent.enclave_client import EnclaveClient
+from nitrolesion.parent.enclave_client import EnclaveClient
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def test_client_without_server_state_says_what_to_do(tmp_path):
     (["--out", "{tmp}/no-such-dir/results.csv"], "no-such-dir does not exist"),
 ])
 def test_classify_usage_errors_exit_2_without_a_traceback(tmp_path, args, message):
-    """These are raised in parent/classify.py, which imports parent.parent: run as a script,
-    parent.py once had a second UsageError class there, and each one ended in a traceback."""
+    """These are raised in nitrolesion/parent/classify.py: parent.py once had a second
+    UsageError class there, and each one ended in a traceback."""
     args = [a.format(tmp=tmp_path) for a in args]
     run = subprocess.run([PYTHON, str(PARENT_CLI), "classify", str(ROOT / "models"), *args],
                          env=tcp_env(tmp_path / "keys"), capture_output=True, text=True,
@@ -237,9 +237,9 @@ def test_demo_end_to_end(test_image_paths):
 
 def test_demo_without_any_image_says_what_to_do(tmp_path):
     env = dict(tcp_env(), HAM10000_DIR=str(tmp_path / "none"))
-    code = ("import sys; sys.path.insert(0, %r); import parent.images as i; "
+    code = ("import sys; import nitrolesion.parent.images as i; "
             "from pathlib import Path; i.SAMPLE_IMAGES_DIR = Path(%r); "
-            "from parent.parent import main; sys.exit(main(['demo']))") % (str(ROOT), str(tmp_path))
+            "from nitrolesion.parent.cli import main; sys.exit(main(['demo']))") % str(tmp_path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2 and "--image PATH" in run.stderr and "sample_images/" in run.stderr

@@ -19,7 +19,7 @@ from nitrolesion.protocol import (
     AttestationReceived, ClientSession, OneShotAccepted, ResultReceived, SessionEstablished)
 from nitrolesion.wire.frames import Frame, FrameDecoder, MessageType, encode_frame
 from nitrolesion.wire.messages import Attestation, ErrorCode, decode_message
-from parent.enclave_client import EnclaveClient
+from nitrolesion.parent.enclave_client import EnclaveClient
 
 from hostile_cases import encode, lesion_image
 

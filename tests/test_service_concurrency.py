@@ -27,8 +27,8 @@ from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import ErrorCode, ErrorMessage, Message, ResultPayload, decode_message
-from parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
-from parent.enclave_client import EnclaveClient
+from nitrolesion.parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
+from nitrolesion.parent.enclave_client import EnclaveClient
 
 #: Concurrent clients in the many-clients test, and images each one sends.
 CLIENTS = 16

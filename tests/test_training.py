@@ -25,16 +25,14 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
-if str(MODELS) not in sys.path:
-    sys.path.insert(0, str(MODELS))
+MODELS = ROOT / "models"  # on sys.path through pytest.ini's pythonpath
 
-import train  # noqa: E402
-import train_data  # noqa: E402
-import train_export  # noqa: E402
-import train_selection as selection  # noqa: E402
-from nitrolesion.model.dataset import default_data_dir  # noqa: E402
-from nitrolesion.model.labels import CODES  # noqa: E402
+import train
+import train_data
+import train_export
+import train_selection as selection
+from nitrolesion.model.dataset import default_data_dir
+from nitrolesion.model.labels import CODES
 
 TRAINING_MODULES = sorted(MODELS.glob("train*.py"))
 
@@ -116,10 +114,11 @@ def test_usage_errors(tmp_path, capsys, flags, message):
 def test_importing_the_training_code_loads_no_tensorflow():
     # In a fresh interpreter, so that it also holds in .venv-train, where TensorFlow is
     # installed: a module-level import would make every usage error wait seconds for it.
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import train, latency_budget\n"
+    # Run in models/, so its folder is on the child's path as it is for `python models/train.py`.
+    code = ("import sys; import train, latency_budget\n"
             "print([m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules])\n")
-    run = subprocess.run([sys.executable, "-c", code, str(MODELS)], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=MODELS)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
 

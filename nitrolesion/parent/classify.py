@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -23,17 +22,18 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nitrolesion import __version__
 from nitrolesion.crypto.envelope import fingerprint
+from nitrolesion.errors import UsageError
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
 from nitrolesion.model.labels import CODES
+from nitrolesion.parent.enclave_client import EnclaveClient, ImageOutcome
+from nitrolesion.parent.images import ImageFileError, expand_images, read_image_file
+from nitrolesion.parent.options import POLICY_FILE, key_dir_of, pcr_lines, transport_of
 from nitrolesion.transport import Endpoint
 from nitrolesion.wire.messages import printable
-from parent.enclave_client import EnclaveClient, ImageOutcome
-from parent.images import ImageFileError, expand_images, read_image_file
 
 CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
-#: Version recorded in results files when the package is not installed (no metadata).
-TOOL_VERSION = "2.0"
 NOTICE = "research demonstrator, not a medical device"
 #: Error code of the rows a Ctrl-C left undone.
 INTERRUPTED = "INTERRUPTED"
@@ -44,14 +44,6 @@ _CSV_COMMENT = re.compile(r"^# ([a-z0-9_]+): (.*)$")
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a batch, raised once the rows done were saved; ``str()`` is the one
     line to print (parent.py's main prints it and exits 130)."""
-
-
-def tool_version() -> str:
-    """The installed package's version, else TOOL_VERSION (run from a checkout)."""
-    try:
-        return importlib.metadata.version("nitrolesion")
-    except importlib.metadata.PackageNotFoundError:
-        return TOOL_VERSION
 
 
 def utc_now() -> str:
@@ -141,8 +133,6 @@ def print_summary(summary: dict, machine: bool) -> None:
 # -- provenance -------------------------------------------------------------------------
 def policy_provenance(args) -> dict:
     """Which policy the trust came from, the way parent.py's load_policy chooses it."""
-    from parent.parent import POLICY_FILE, key_dir_of
-
     if args.policy:
         path, how = Path(os.path.abspath(args.policy)), "--policy"
     else:
@@ -178,7 +168,7 @@ def provenance_of(started_utc: str, policy: dict, attestation: dict,
     return {
         "notice": NOTICE,
         "tool": "nitrolesion parent.py classify",
-        "tool_version": tool_version(),
+        "tool_version": __version__,
         "started_utc": started_utc,
         "finished_utc": utc_now(),
         "model_file_local": str(model_path),
@@ -356,8 +346,6 @@ class _Batch:
 def run_classify(args, make_trust) -> int:
     """``make_trust()`` is called once the arguments are known to be usable, so a typo is
     a usage error (exit 2) even where no policy is configured yet."""
-    from parent.parent import UsageError, pcr_lines, transport_of
-
     # lexists: a dangling symlink exists (it becomes an UNREADABLE row); a typo does not.
     missing = [str(p) for p in args.images if not os.path.lexists(p)]
     if missing:

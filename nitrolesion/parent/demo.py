@@ -27,9 +27,9 @@ from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.enclave_image import PROJECT_ROOT, image_files
 from nitrolesion.transport import Endpoint, free_tcp_port
-from parent.enclave_client import EnclaveClient, Trust
-from parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
-from parent.server import ParentServer, ServerEvent
+from nitrolesion.parent.enclave_client import EnclaveClient, Trust
+from nitrolesion.parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
+from nitrolesion.parent.server import ParentServer, ServerEvent
 
 #: Seconds to wait for the enclave to boot and announce its key (key generation and
 #: model load take ~1-2 s; the slack covers a loaded CI machine).

@@ -42,7 +42,7 @@ from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
     check_prediction, decode_message, loads_plain, printable)
-from parent.enclave_client import Trust
+from nitrolesion.parent.enclave_client import Trust
 
 #: File in the state folder holding the last announced enclave key and its document.
 ANNOUNCE_FILE = "enclave_announce.cbor"

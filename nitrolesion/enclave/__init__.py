@@ -1,0 +1,1 @@
+"""The enclave side: the application (app) and the service it runs."""

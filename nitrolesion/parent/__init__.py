@@ -1,0 +1,1 @@
+"""The parent side: the CLI and what its commands use (server, enclave client, classify, demo, images)."""
