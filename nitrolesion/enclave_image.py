@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from nitrolesion.limits import PROJECT_ROOT
 
 #: Paths relative to the project root, as the Dockerfile copies them.
 IMAGE_PATHS = (

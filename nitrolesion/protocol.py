@@ -43,11 +43,12 @@ from nitrolesion.crypto.envelope import (
 from nitrolesion.crypto.keywrap import unwrap_session_secret, wrap_session_secret
 from nitrolesion.crypto.result_signature import sign_result
 from nitrolesion.crypto.session import (
-    ENCLAVE_RANDOM_SIZE, MAX_MESSAGES, SessionCipher, SessionKeys, Transcript,
+    MAX_MESSAGES, SessionCipher, SessionKeys, Transcript,
     derive_session_keys, key_confirmation, new_session_id, new_session_secret)
 from nitrolesion.errors import (
     CryptoError, LocalProtocolError, NitroLesionError, ProtocolError, ReorderError, ReplayError,
     UnexpectedMessage)
+from nitrolesion.limits import CLIENT_NONCE_SIZE, ENCLAVE_RANDOM_SIZE
 from nitrolesion.wire.frames import MAX_BODY, Frame, MessageType
 from nitrolesion.wire.messages import (
     Accepted, Attestation, ErrorCode, ErrorMessage, Goodbye, Hello, ImagePayload, Message,
@@ -55,7 +56,6 @@ from nitrolesion.wire.messages import (
     SessionResult, decode_message, printable)
 
 __all__ = [
-    "CLIENT_NONCE_SIZE",
     "AttestationReceived",
     "AttestationRequested",
     "BadRequest",
@@ -76,8 +76,6 @@ __all__ = [
 
 RandomBytes = Callable[[int], bytes]
 
-#: Bytes of the client's attestation nonce: 256 bits, never repeated in practice.
-CLIENT_NONCE_SIZE = 32
 #: The largest frame a client may send before it is attested or after its one-shot
 #: request: HELLO, SESSION_OPEN (an RSA-8192 wrapped secret is 1 KiB) and GOODBYE all fit
 #: with room to spare. Only image-carrying frames may be larger.

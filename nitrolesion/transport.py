@@ -32,6 +32,7 @@ from nitrolesion.errors import (
     TransportError,
     TransportTimeout,
 )
+from nitrolesion.limits import DEFAULT_TCP_HOST
 from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
 
 __all__ = [
@@ -191,7 +192,7 @@ class Endpoint:
     transport: str
     cid: int
     port: int
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_TCP_HOST
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -545,7 +546,7 @@ class FramedConnection:
             decoder.feed(data)
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
+def free_tcp_port(host: str = DEFAULT_TCP_HOST) -> int:
     """A TCP port that was free on ``host`` a moment ago (for local demos, tests, benches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))

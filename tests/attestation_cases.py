@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from nitrolesion.limits import PROJECT_ROOT
+
 DOCS_ENV = "ATTESTATION_DOCS_DIR"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 

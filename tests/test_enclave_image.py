@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from harness import Proc, free_port, tcp_env
-from nitrolesion.enclave_image import IMAGE_PATHS, PROJECT_ROOT
+from nitrolesion.enclave_image import IMAGE_PATHS
+from nitrolesion.limits import PROJECT_ROOT
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 

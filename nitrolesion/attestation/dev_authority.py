@@ -49,6 +49,7 @@ from cryptography.x509.oid import NameOID
 from nitrolesion.attestation.cose import CoseSign1, encode_cose_sign1, encode_es384_protected_header
 from nitrolesion.attestation.errors import DevAuthorityError, NsmError
 from nitrolesion.attestation.nsm import MAX_ATTESTATION_FIELD
+from nitrolesion.limits import PCR_LENGTH
 
 ROOT_CERT_FILE = "dev_root.pem"
 #: Written beside the root by the enclave app with --dev-attestation: the PCRs it attests,
@@ -64,7 +65,6 @@ DEV_PCR2_LABEL = b"nitrolesion development authority: PCR2 (application stand-in
 # Domain separation for PCR0, versioned so a format change cannot collide with an old value.
 PCR0_DOMAIN = b"nitrolesion-dev-pcr0-v1\x00"
 NUM_PCRS = 16  # the NSM reports PCR0..15 in every document
-PCR_LENGTH = 48
 
 ROOT_LIFETIME = timedelta(days=365)
 INTERMEDIATE_LIFETIME = timedelta(days=30)

@@ -43,9 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from nitrolesion.attestation.errors import InvalidPolicy
+from nitrolesion.limits import PCR_LENGTH
 
-# SHA-384 PCRs are 48 bytes (the NSM reports digest "SHA384").
-PCR_LENGTH = 48
 # The NSM has 32 PCRs (0..31); 0..15 are reported in every document.
 MAX_PCR_INDEX = 31
 # PCRs that identify the enclave image; every allowed set must pin them.

@@ -72,8 +72,9 @@ from nitrolesion.attestation.errors import (
     UnsupportedAlgorithm,
     UntrustedRoot,
 )
-from nitrolesion.attestation.policy import MAX_CLOCK_SKEW, MAX_PCR_INDEX, PCR_LENGTH, AttestationPolicy
+from nitrolesion.attestation.policy import MAX_CLOCK_SKEW, MAX_PCR_INDEX, AttestationPolicy
 from nitrolesion.attestation.trust import AWS_NITRO_ROOT_G1_SHA256, CERTIFICATE_PARSE_ERRORS, aws_nitro_root
+from nitrolesion.limits import PCR_LENGTH
 
 HEADER_CRIT = 2  # RFC 8152 s3.1
 # Field limits from the AWS "Attestation document specification"; user_data and nonce are

@@ -29,14 +29,15 @@ from Crypto.Random import get_random_bytes
 from Crypto.Signature.pss import MGF1
 
 from nitrolesion.errors import CryptoError, LocalProtocolError
+from nitrolesion.limits import REQUEST_ID_SIZE
 from nitrolesion.wire.frames import PROTOCOL_VERSION, MessageType
 
 __all__ = [
     "AES_KEY_SIZE",
     "GCM_NONCE_SIZE",
     "GCM_TAG_SIZE",
+    "rsa_oaep",
     "MAX_RSA_BITS",
-    "REQUEST_ID_SIZE",
     "RSA_BITS",
     "Envelope",
     "fingerprint",
@@ -64,8 +65,6 @@ AES_KEY_SIZE = 32
 GCM_NONCE_SIZE = 12
 # Full-length 128-bit tag; SP 800-38D appendix C discourages truncated tags.
 GCM_TAG_SIZE = 16
-# 128 random bits: collisions between request ids are negligible (birthday bound 2**64).
-REQUEST_ID_SIZE = 16
 # Domain-separation label for request_aad, distinct from the session cipher's label.
 REQUEST_AAD_LABEL = b"nitrolesion-request/2"
 # Enough for an RSA-8192 SubjectPublicKeyInfo (~1.05 KB) with room to spare; anything
@@ -77,11 +76,14 @@ MAX_PUBLIC_KEY_DER = 4096
 _OPEN_FAILED = "envelope did not authenticate (wrong key, tampered data or wrong context)"
 
 
-def _oaep(key: RsaKey, randfunc: RandomBytes | None = None):
+def rsa_oaep(key: RsaKey, *, label: bytes = b"", randfunc: RandomBytes | None = None):
+    """The project's one RSA-OAEP construction: SHA-256 for both the hash and MGF1 (the
+    library's default MGF1 hash is SHA-1), optionally bound to ``label``."""
     return PKCS1_OAEP.new(
         key,
         hashAlgo=SHA256,
         mgfunc=lambda seed, length: MGF1(seed, length, SHA256),
+        label=label,
         randfunc=randfunc,
     )
 
@@ -244,7 +246,7 @@ def seal(
     nonce = random_bytes(GCM_NONCE_SIZE)
     if len(data_key) != AES_KEY_SIZE or len(nonce) != GCM_NONCE_SIZE:
         raise CryptoError("random_bytes returned the wrong number of bytes")
-    wrapped_key = _oaep(public, random_bytes).encrypt(data_key)
+    wrapped_key = rsa_oaep(public, randfunc=random_bytes).encrypt(data_key)
     cipher = AES.new(data_key, AES.MODE_GCM, nonce=nonce, mac_len=GCM_TAG_SIZE)
     cipher.update(bytes(aad))
     body, tag = cipher.encrypt_and_digest(bytes(plaintext))
@@ -279,7 +281,7 @@ def open_envelope(private_key: RsaKey, envelope: Envelope, aad: bytes) -> bytes:
             f"shorter than the {GCM_TAG_SIZE}-byte tag"
         )
     try:
-        data_key = _oaep(private_key).decrypt(bytes(envelope.wrapped_key))
+        data_key = rsa_oaep(private_key).decrypt(bytes(envelope.wrapped_key))
     except (ValueError, TypeError):
         data_key = b""
     if len(data_key) != AES_KEY_SIZE:

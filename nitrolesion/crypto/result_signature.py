@@ -20,8 +20,9 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey.RSA import RsaKey
 from Crypto.Signature import pss
 
-from nitrolesion.crypto.envelope import REQUEST_ID_SIZE, Envelope
+from nitrolesion.crypto.envelope import Envelope
 from nitrolesion.errors import CryptoError
+from nitrolesion.limits import REQUEST_ID_SIZE
 
 __all__ = ["RESULT_SIGNATURE_LABEL", "sign_result", "verify_result"]
 

@@ -39,16 +39,14 @@ from Crypto.Protocol.KDF import HKDF
 from Crypto.Random import get_random_bytes
 
 from nitrolesion.errors import CryptoError, LocalProtocolError, ReorderError, ReplayError
+from nitrolesion.limits import ENCLAVE_RANDOM_SIZE, SESSION_ID_SIZE, SESSION_SECRET_SIZE
 
 __all__ = [
     "CONFIRMATION_SIZE",
     "DIRECTION_CLIENT_TO_ENCLAVE",
     "DIRECTION_ENCLAVE_TO_CLIENT",
-    "ENCLAVE_RANDOM_SIZE",
     "MAX_MESSAGES",
     "ROLES",
-    "SESSION_ID_SIZE",
-    "SESSION_SECRET_SIZE",
     "SessionCipher",
     "SessionKeys",
     "Transcript",
@@ -58,13 +56,8 @@ __all__ = [
 
 RandomBytes = Callable[[int], bytes]
 
-# 256-bit secret and keys: AES-256, as for the one-shot envelopes.
-SESSION_SECRET_SIZE = 32
+# 256-bit keys: AES-256, as for the one-shot envelopes.
 KEY_SIZE = 32
-# 128 random bits: distinct sessions never share an id in practice (birthday bound 2**64).
-SESSION_ID_SIZE = 16
-# The enclave's contribution: as strong as the client's secret.
-ENCLAVE_RANDOM_SIZE = 32
 # Full-length GCM tag (NIST SP 800-38D appendix C discourages truncation).
 TAG_SIZE = 16
 # HMAC-SHA256 output.

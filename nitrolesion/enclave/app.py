@@ -27,7 +27,8 @@ from enclave.service import (
     HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE
 from nitrolesion.attestation.provider import open_attestation_provider
-from nitrolesion.enclave_image import PROJECT_ROOT, image_files
+from nitrolesion.enclave_image import image_files
+from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transport", choices=TRANSPORTS, default=default_transport(),
                         help="vsock (default) or tcp for machines without Nitro; "
                              "also set by ENCLAVE_TRANSPORT")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default=DEFAULT_TCP_HOST,
                         help="with tcp: address to listen on and to reach the parent at")
     parser.add_argument("--dev-attestation", type=Path, metavar="DIR",
                         help="DEVELOPMENT ONLY: sign attestation documents with a local "

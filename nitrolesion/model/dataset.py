@@ -14,8 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SPLITS_DIR = PROJECT_ROOT / "models" / "splits"
+from nitrolesion.limits import MODELS_DIR, PROJECT_ROOT
+
+SPLITS_DIR = MODELS_DIR / "splits"
 SPLIT_NAMES = ("train", "val", "test")
 
 #: Column names of HAM10000_metadata.csv that we use.

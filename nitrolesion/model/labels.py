@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nitrolesion.errors import ModelError
+from nitrolesion.limits import MODELS_DIR
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_LABELS_PATH = MODELS_DIR / "labels.json"
 
 #: The seven HAM10000 diagnoses, in the alphabetical order the model's outputs use.

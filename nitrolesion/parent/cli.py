@@ -30,6 +30,7 @@ from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore, ensure_private_folder, write_private_file
 from nitrolesion.errors import NitroLesionError, RemoteError, UsageError
+from nitrolesion.limits import ANY_CID, DEFAULT_ENCLAVE_CID, DEFAULT_ENCLAVE_PORT
 from nitrolesion.parent.options import (
     POLICY_FILE, add_transport_options, add_trust_options, key_dir_of, pcr_lines, transport_of,
     trust_of)
@@ -40,9 +41,6 @@ from nitrolesion.wire.messages import printable
 #: nitrolesion.environment checks them before main() runs.
 REQUIRED_MODULES = ("Crypto", "cbor2", "cryptography", "numpy", "PIL", "tqdm")
 
-#: CID the enclave runs at in the README's nitro-cli command, and its client port.
-DEFAULT_ENCLAVE_CID = 16
-DEFAULT_ENCLAVE_PORT = 5005
 
 
 # -- trust ------------------------------------------------------------------------------
@@ -73,7 +71,7 @@ def cmd_server(args) -> int:
 
     trust = trust_of(args)
     key = ParentKeyStore(key_dir_of(args)).load_or_create()
-    endpoint = Endpoint(transport_of(args), 0xFFFFFFFF, args.port, args.host)
+    endpoint = Endpoint(transport_of(args), ANY_CID, args.port, args.host)
     if endpoint.transport == "vsock" and no_enclave_here():
         # Not refused: a container on a parent instance may lack the device node.
         print("parent.py server: note: this machine has no /dev/nitro_enclaves, so no enclave "

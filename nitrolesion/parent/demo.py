@@ -25,7 +25,8 @@ from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import load_pem_roots
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
-from nitrolesion.enclave_image import PROJECT_ROOT, image_files
+from nitrolesion.enclave_image import image_files
+from nitrolesion.limits import DEFAULT_TCP_HOST, PARENT_CID, PROJECT_ROOT
 from nitrolesion.transport import Endpoint, free_tcp_port
 from nitrolesion.parent.enclave_client import EnclaveClient, Trust
 from nitrolesion.parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
@@ -45,9 +46,9 @@ class EnclaveProcess:
     """The enclave app as a child process, its output relayed with a prefix."""
 
     def __init__(self, client_port: int, parent_port: int, dev_dir: Path) -> None:
-        command = [sys.executable, "-u", str(PROJECT_ROOT / "enclave" / "app.py"), "3",
+        command = [sys.executable, "-u", str(PROJECT_ROOT / "enclave" / "app.py"), str(PARENT_CID),
                    str(client_port), str(parent_port), "--transport", "tcp",
-                   "--host", "127.0.0.1", "--dev-attestation", str(dev_dir)]
+                   "--host", DEFAULT_TCP_HOST, "--dev-attestation", str(dev_dir)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, cwd=PROJECT_ROOT)
         self.lines: list[str] = []

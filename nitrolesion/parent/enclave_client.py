@@ -23,7 +23,8 @@ from nitrolesion.attestation.errors import PublicKeyMismatch
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import aws_nitro_root, load_pem_roots
 from nitrolesion.attestation.verifier import AttestationResult, check_public_key, verify_attestation
-from nitrolesion.enclave_image import PROJECT_ROOT, image_files
+from nitrolesion.enclave_image import image_files
+from nitrolesion.limits import PROJECT_ROOT
 from nitrolesion.errors import ConnectionClosed, ProtocolError, RemoteError
 from nitrolesion.protocol import (
     AttestationReceived, ClientSession, Closed, OneShotAccepted, PeerError, ResultReceived,

@@ -7,7 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-from nitrolesion.model.dataset import PROJECT_ROOT, default_data_dir
+from nitrolesion.limits import PROJECT_ROOT
+from nitrolesion.model.dataset import default_data_dir
 from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}

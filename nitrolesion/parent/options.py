@@ -16,6 +16,7 @@ from nitrolesion.attestation.errors import InvalidPolicy
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.crypto.keystore import check_private_folder, default_key_dir
 from nitrolesion.errors import NitroLesionError, UsageError
+from nitrolesion.limits import DEFAULT_TCP_HOST
 from nitrolesion.transport import TRANSPORTS, default_transport
 
 #: Without a policy file, documents may be at most this old (the client's fresh nonce
@@ -34,7 +35,7 @@ class NoPolicy(NitroLesionError):
 def add_transport_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS, default=None,
                         help="vsock (default) or tcp; also ENCLAVE_TRANSPORT")
-    parser.add_argument("--host", default="127.0.0.1", help="with tcp: address CIDs map to")
+    parser.add_argument("--host", default=DEFAULT_TCP_HOST, help="with tcp: address CIDs map to")
     parser.add_argument("--key-dir", type=Path, default=None,
                         help="parent key and state folder (default $NITROLESION_KEY_DIR or "
                              "~/.config/nitrolesion)")

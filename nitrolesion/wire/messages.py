@@ -27,16 +27,16 @@ from typing import ClassVar
 
 import cbor2
 
-from nitrolesion.crypto.envelope import GCM_NONCE_SIZE, MAX_RSA_BITS, REQUEST_ID_SIZE, RSA_BITS
-from nitrolesion.crypto.session import CONFIRMATION_SIZE, SESSION_ID_SIZE
+from nitrolesion.crypto.envelope import GCM_NONCE_SIZE, MAX_RSA_BITS, RSA_BITS
+from nitrolesion.crypto.session import CONFIRMATION_SIZE
 from nitrolesion.errors import ProtocolError
+from nitrolesion.limits import NONCE_SIZES, REQUEST_ID_SIZE, SESSION_ID_SIZE
 from nitrolesion.wire.frames import MAX_BODY, Frame, MessageType
 
 #: Size limits for fields, in bytes. An RSA-3072 SPKI is 422 bytes; a Nitro attestation
 #: document is 4-8 KiB (16 KiB leaves room for 1 KiB user_data/nonce/public_key fields).
 MAX_PUBLIC_KEY = 1024
 MAX_ATTESTATION = 16 * 1024
-NONCE_SIZES = range(16, 65)
 #: An RSA-OAEP ciphertext or RSA-PSS signature is as long as the modulus: any key size
 #: the crypto layer accepts (RSA_BITS..MAX_RSA_BITS), so a 4096-bit parent key works.
 RSA_OUTPUT_SIZES = range(RSA_BITS // 8, MAX_RSA_BITS // 8 + 1)
