@@ -1,7 +1,9 @@
 """The project's exception hierarchy, in one place.
 
-    NitroLesionError                 base: everything this package raises on purpose
+    NitroLesionError                 base: everything this package raises on purpose;
+    │                                diagnostic() is the CLI's line, exit_status its status
     ├── UsageError                   bad arguments or options (a CLI exits 2)
+    ├── ImageFileError               a local image file that is not sent (unreadable, too large)
     ├── ImageError                   the bytes are not an image we accept
     ├── ModelError                   the model file or labels are missing or inconsistent
     ├── ProtocolError                the peer sent bytes that are not a valid frame
@@ -21,7 +23,9 @@
     └── AttestationError             (nitrolesion.attestation.errors) one subclass per check
 
 Lower-layer exceptions (Pillow, pycryptodome, socket) are translated at the boundary with
-``raise ... from exc`` so callers only ever catch these types.
+``raise ... from exc`` so callers only ever catch these types. The parent CLI catches
+NitroLesionError in one place and prints ``diagnostic()``; ValueError and assert remain for
+a caller's misuse of an API and for invariants.
 """
 
 from __future__ import annotations
@@ -30,9 +34,27 @@ from __future__ import annotations
 class NitroLesionError(Exception):
     """Base class for every error this package raises on purpose."""
 
+    #: The status a command exits with when this error ends it.
+    exit_status = 1
+
+    def diagnostic(self) -> str:
+        """The one line a command prints for this error (after its own name)."""
+        return str(self)
+
 
 class UsageError(NitroLesionError):
     """Bad command-line arguments or options: the CLI prints the text and exits 2."""
+
+    exit_status = 2
+
+
+class ImageFileError(NitroLesionError):
+    """A local file that is not sent; ``code`` is the batch row's error code:
+    ``UNREADABLE`` (missing, not a regular file, no permission) or ``TOO_LARGE``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ImageError(NitroLesionError):
@@ -110,3 +132,9 @@ class RemoteError(NitroLesionError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    def diagnostic(self) -> str:
+        # The peer's text, made printable: a hostile peer cannot rewrite the terminal.
+        from nitrolesion.wire.messages import printable
+
+        return f"the enclave refused: {printable(self.code)}: {printable(self.message)}"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import threading
 
+from nitrolesion.errors import UsageError
+
 __all__ = [
     "BASELINE_RSS_MIB",
     "FRAME_COPIES",
@@ -50,11 +52,11 @@ FRAME_COPIES = 3
 def budget_for_enclave_memory(memory_mib: int = RECOMMENDED_ENCLAVE_MIB) -> int:
     """Bytes requests may hold in an enclave started with ``--memory memory_mib``.
 
-    Raises ValueError if that memory cannot even hold the system and the idle process.
+    Raises UsageError if that memory cannot even hold the system and the idle process.
     """
     spare = memory_mib - SYSTEM_MIB - BASELINE_RSS_MIB
     if spare <= 0:
-        raise ValueError(f"--memory {memory_mib} MiB cannot hold the root file system and kernel "
+        raise UsageError(f"--memory {memory_mib} MiB cannot hold the root file system and kernel "
                          f"({SYSTEM_MIB} MiB) and the idle enclave ({BASELINE_RSS_MIB} MiB)")
     return int(spare * SPENDABLE_SHARE * MIB)
 

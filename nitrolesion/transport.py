@@ -31,6 +31,7 @@ from nitrolesion.errors import (
     LocalProtocolError,
     TransportError,
     TransportTimeout,
+    UsageError,
 )
 from nitrolesion.limits import DEFAULT_TCP_HOST
 from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
@@ -132,10 +133,10 @@ def default_transport(environ: Mapping[str, str] | None = None) -> str:
 def check_port(value: int, what: str = "port") -> int:
     """Return ``value`` if it is a port the commands accept (1..65535).
 
-    Raises ValueError with a one-line message naming ``what`` otherwise.
+    Raises UsageError with a one-line message naming ``what`` otherwise.
     """
     if not _is_uint(value, MAX_PORT) or value < MIN_PORT:
-        raise ValueError(f"{what} must be between {MIN_PORT} and {MAX_PORT}, got {value}")
+        raise UsageError(f"{what} must be between {MIN_PORT} and {MAX_PORT}, got {value}")
     return value
 
 
@@ -143,10 +144,10 @@ def check_cid(value: int, what: str = "CID", minimum: int = 0) -> int:
     """Return ``value`` if it can be a vsock CID, at least ``minimum`` (MIN_ENCLAVE_CID for
     an enclave). VMADDR_CID_ANY (4294967295) means "any" and is nobody's address.
 
-    Raises ValueError with a one-line message naming ``what`` otherwise.
+    Raises UsageError with a one-line message naming ``what`` otherwise.
     """
     if not _is_uint(value, MAX_VSOCK_CID - 1) or value < minimum:
-        raise ValueError(f"{what} must be between {minimum} and {MAX_VSOCK_CID - 1}, got {value}")
+        raise UsageError(f"{what} must be between {minimum} and {MAX_VSOCK_CID - 1}, got {value}")
     return value
 
 

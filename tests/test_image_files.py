@@ -13,7 +13,8 @@ import pytest
 from harness import PARENT_CLI, tcp_env
 from nitrolesion.wire.frames import MAX_BODY
 from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE
-from nitrolesion.parent.images import ImageFileError, read_image_file
+from nitrolesion.errors import ImageFileError
+from nitrolesion.parent.images import read_image_file
 
 
 def read_within(path, seconds=10.0, **kwargs):

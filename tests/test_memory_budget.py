@@ -13,6 +13,7 @@ import time
 import pytest
 
 import memory_attacks as attacks
+from nitrolesion.errors import UsageError
 from nitrolesion.memory_budget import (
     MIB, RECOMMENDED_ENCLAVE_MIB, MemoryBudget, budget_for_enclave_memory)
 
@@ -35,7 +36,7 @@ def test_budget_follows_the_recommended_enclave_memory():
     assert default == budget_for_enclave_memory(RECOMMENDED_ENCLAVE_MIB)
     assert 128 * MIB < default < 256 * MIB
     assert budget_for_enclave_memory(1024) > default
-    with pytest.raises(ValueError, match="cannot hold the root file system"):
+    with pytest.raises(UsageError, match="cannot hold the root file system"):
         budget_for_enclave_memory(512)
 
 

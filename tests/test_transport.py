@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nitrolesion import transport
-from nitrolesion.errors import BadMagic, ConnectionClosed, ProtocolError, TransportError
+from nitrolesion.errors import BadMagic, ConnectionClosed, ProtocolError, TransportError, UsageError
 from nitrolesion.transport import (
     Endpoint,
     FramedConnection,
@@ -198,11 +198,11 @@ def test_default_transport():
 def test_port_and_cid_checks():
     assert transport.check_port(1) == 1 and transport.check_port(65535) == 65535
     for bad in (0, -1, 65536, 99999, True):
-        with pytest.raises(ValueError, match=f"port must be between 1 and 65535, got {bad}"):
+        with pytest.raises(UsageError, match=f"port must be between 1 and 65535, got {bad}"):
             transport.check_port(bad)
     assert transport.check_cid(16, minimum=transport.MIN_ENCLAVE_CID) == 16
     for bad in (3, 2**32 - 1, 2**32, -1):
-        with pytest.raises(ValueError, match="enclave CID must be between 4 and 4294967294"):
+        with pytest.raises(UsageError, match="enclave CID must be between 4 and 4294967294"):
             transport.check_cid(bad, "enclave CID", transport.MIN_ENCLAVE_CID)
 
 

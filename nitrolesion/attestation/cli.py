@@ -29,6 +29,7 @@ from nitrolesion.attestation.errors import AttestationError, InvalidPolicy
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.attestation.trust import aws_nitro_root, certificate_sha256, load_pem_roots
 from nitrolesion.attestation.verifier import AttestationResult, verify_attestation
+from nitrolesion.errors import UsageError
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -36,10 +37,6 @@ EXIT_USAGE = 2
 SHOWN_PCRS = (0, 1, 2, 8)
 PCRS_NOT_CHECKED = "NOT checked (no --policy given): any enclave image passes; only the chain and signature were verified"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-class UsageError(Exception):
-    """A command-line problem that is the caller's, not the document's (exit 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

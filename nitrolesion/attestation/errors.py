@@ -45,6 +45,9 @@ class AttestationError(NitroLesionError):
     def check(self) -> str:
         return type(self).__name__
 
+    def diagnostic(self) -> str:
+        return f"attestation failed, nothing was sent: {self.check}: {self}"
+
 
 class CoseDecodeError(AttestationError):
     """The bytes are not a (tagged or untagged) COSE_Sign1 structure."""

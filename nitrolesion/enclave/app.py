@@ -29,7 +29,7 @@ from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE
 from nitrolesion.attestation.provider import open_attestation_provider
 from nitrolesion.enclave_image import image_files
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
-from nitrolesion.errors import NitroLesionError
+from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH
@@ -138,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checked_memory_budget(args) -> int:
+    """The memory budget for ``args.memory``, once every setting is known to be usable.
+
+    Raises UsageError for a port or CID that cannot be, and for limits that would refuse
+    every image (0) or promise images no message can carry.
+    """
+    check_cid(args.parent_cid, "parent_cid", 1)
+    check_port(args.client_port, "client_port")
+    check_port(args.parent_port, "parent_port")
+    if args.workers < 1 or args.queue < 1 or args.max_connections < 1:
+        raise UsageError("--workers, --queue and --max-connections must be at least 1")
+    if not (args.io_timeout > 0 and args.handshake_timeout > 0):
+        raise UsageError("--io-timeout and --handshake-timeout must be positive")
+    if not 1 <= args.max_image_bytes <= MAX_IMAGE_IN_MESSAGE:
+        raise UsageError(f"--max-image-bytes must be between 1 and {MAX_IMAGE_IN_MESSAGE} "
+                         "(what one message can carry)")
+    if args.max_image_pixels < 1:
+        raise UsageError("--max-image-pixels must be at least 1")
+    return budget_for_enclave_memory(args.memory)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Logs are diagnostics: stderr, like every other message of the app (stdout stays empty).
@@ -145,31 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s enclave %(levelname)s %(message)s", stream=sys.stderr)
     log = logging.getLogger("enclave")
     try:
-        check_cid(args.parent_cid, "parent_cid", 1)
-        check_port(args.client_port, "client_port")
-        check_port(args.parent_port, "parent_port")
-    except ValueError as exc:
-        print(f"app.py: {exc}", file=sys.stderr)
-        return 2
-    if args.workers < 1 or args.queue < 1 or args.max_connections < 1:
-        print("app.py: --workers, --queue and --max-connections must be at least 1",
-              file=sys.stderr)
-        return 2
-    if not (args.io_timeout > 0 and args.handshake_timeout > 0):
-        print("app.py: --io-timeout and --handshake-timeout must be positive", file=sys.stderr)
-        return 2
-    if not 1 <= args.max_image_bytes <= MAX_IMAGE_IN_MESSAGE:
-        print(f"app.py: --max-image-bytes must be between 1 and {MAX_IMAGE_IN_MESSAGE} (what "
-              "one message can carry)", file=sys.stderr)
-        return 2
-    if args.max_image_pixels < 1:
-        print("app.py: --max-image-pixels must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        memory_budget = budget_for_enclave_memory(args.memory)
-    except ValueError as exc:
-        print(f"app.py: {exc}", file=sys.stderr)
-        return 2
+        memory_budget = checked_memory_budget(args)
+    except UsageError as exc:
+        print(f"app.py: {exc.diagnostic()}", file=sys.stderr)
+        return exc.exit_status
     started = time.perf_counter()
     try:
         attestor = open_attestation_provider(args.dev_attestation, image_files(PROJECT_ROOT), base=PROJECT_ROOT)

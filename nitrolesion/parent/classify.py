@@ -24,11 +24,11 @@ from pathlib import Path
 
 from nitrolesion import __version__
 from nitrolesion.crypto.envelope import fingerprint
-from nitrolesion.errors import UsageError
+from nitrolesion.errors import ImageFileError, UsageError
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
 from nitrolesion.model.labels import CODES
 from nitrolesion.parent.enclave_client import EnclaveClient, ImageOutcome
-from nitrolesion.parent.images import ImageFileError, expand_images, read_image_file
+from nitrolesion.parent.images import expand_images, read_image_file
 from nitrolesion.parent.options import POLICY_FILE, key_dir_of, pcr_lines, transport_of
 from nitrolesion.transport import Endpoint
 from nitrolesion.wire.messages import printable

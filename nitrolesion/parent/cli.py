@@ -25,17 +25,16 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from nitrolesion.attestation.errors import AttestationError, InvalidPolicy
+from nitrolesion.attestation.errors import InvalidPolicy
 from nitrolesion.attestation.policy import AttestationPolicy
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore, ensure_private_folder, write_private_file
-from nitrolesion.errors import NitroLesionError, RemoteError, UsageError
+from nitrolesion.errors import ImageFileError, NitroLesionError, UsageError
 from nitrolesion.limits import ANY_CID, DEFAULT_ENCLAVE_CID, DEFAULT_ENCLAVE_PORT
 from nitrolesion.parent.options import (
     POLICY_FILE, add_transport_options, add_trust_options, key_dir_of, pcr_lines, transport_of,
     trust_of)
 from nitrolesion.transport import MIN_ENCLAVE_CID, Endpoint, check_cid, check_port, no_enclave_here
-from nitrolesion.wire.messages import printable
 
 #: Third-party modules the commands import, some only when they run (requirements.txt);
 #: nitrolesion.environment checks them before main() runs.
@@ -126,7 +125,7 @@ def cmd_client(args) -> int:
 
 
 def read_image(path: Path) -> bytes:
-    from nitrolesion.parent.images import ImageFileError, read_image_file
+    from nitrolesion.parent.images import read_image_file
 
     try:
         return read_image_file(Path(path), named=True)
@@ -239,13 +238,10 @@ def check_addresses(args) -> None:
     Raises UsageError.
     """
     option = "--" if args.command == "classify" else ""  # classify takes them as options
-    try:
-        if getattr(args, "cid", None) is not None:
-            check_cid(args.cid, f"{option}cid" if option else "enclave CID", MIN_ENCLAVE_CID)
-        if getattr(args, "port", None) is not None:
-            check_port(args.port, f"{option}port")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if getattr(args, "cid", None) is not None:
+        check_cid(args.cid, f"{option}cid" if option else "enclave CID", MIN_ENCLAVE_CID)
+    if getattr(args, "port", None) is not None:
+        check_port(args.port, f"{option}port")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,20 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_addresses(args)
         return args.func(args)
-    except UsageError as exc:
-        print(f"parent.py {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except RemoteError as exc:
-        print(f"parent.py {args.command}: the enclave refused: {printable(exc.code)}: "
-              f"{printable(exc.message)}", file=sys.stderr)
-        return 1
-    except AttestationError as exc:
-        print(f"parent.py {args.command}: attestation failed, nothing was sent: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except NitroLesionError as exc:
-        print(f"parent.py {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except NitroLesionError as exc:  # the one place: each error says its line and status
+        print(f"parent.py {args.command}: {exc.diagnostic()}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt as exc:
         # Ctrl-C: one line, no traceback, 128 + SIGINT. classify raises a KeyboardInterrupt
         # that says what it saved; elsewhere there is nothing to say but that.

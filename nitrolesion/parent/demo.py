@@ -26,16 +26,21 @@ from nitrolesion.attestation.trust import load_pem_roots
 from nitrolesion.crypto.envelope import fingerprint, public_key_der
 from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.enclave_image import image_files
+from nitrolesion.errors import NitroLesionError
 from nitrolesion.limits import DEFAULT_TCP_HOST, PARENT_CID, PROJECT_ROOT
 from nitrolesion.transport import Endpoint, free_tcp_port
 from nitrolesion.parent.enclave_client import EnclaveClient, Trust
-from nitrolesion.parent.images import NO_IMAGE_HELP, ImageFileError, default_image, read_image_file
+from nitrolesion.parent.images import NO_IMAGE_HELP, default_image, read_image_file
 from nitrolesion.parent.server import ParentServer, ServerEvent
 
 #: Seconds to wait for the enclave to boot and announce its key (key generation and
 #: model load take ~1-2 s; the slack covers a loaded CI machine).
 BOOT_TIMEOUT = 60.0
 RESULT_TIMEOUT = 60.0
+
+
+class DemoStepFailed(NitroLesionError):
+    """A step of the demo did not happen: the enclave exited, the server refused, or time ran out."""
 
 
 def step(text: str) -> None:
@@ -76,7 +81,7 @@ def wait_for(events: "queue.Queue[ServerEvent]", kind: str, timeout: float,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if enclave.process.poll() is not None:
-            raise RuntimeError(f"the enclave exited with status {enclave.process.returncode}")
+            raise DemoStepFailed(f"the enclave exited with status {enclave.process.returncode}")
         try:
             event = events.get(timeout=0.2)
         except queue.Empty:
@@ -84,8 +89,8 @@ def wait_for(events: "queue.Queue[ServerEvent]", kind: str, timeout: float,
         if event.kind == kind:
             return event
         if event.kind in ("error", "refused"):
-            raise RuntimeError(event.text)
-    raise RuntimeError(f"timed out after {timeout:g} s waiting for the server's '{kind}' event")
+            raise DemoStepFailed(event.text)
+    raise DemoStepFailed(f"timed out after {timeout:g} s waiting for the server's '{kind}' event")
 
 
 def run_demo(args) -> int:

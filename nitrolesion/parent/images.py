@@ -7,6 +7,7 @@ import os
 import stat
 from pathlib import Path
 
+from nitrolesion.errors import ImageFileError
 from nitrolesion.limits import PROJECT_ROOT
 from nitrolesion.model.dataset import default_data_dir
 from nitrolesion.wire.messages import MAX_IMAGE_IN_MESSAGE
@@ -27,15 +28,6 @@ def expand_images(paths: list[Path]) -> list[Path]:
         else:
             out.append(path)
     return out
-
-
-class ImageFileError(Exception):
-    """A local file that is not sent; ``code`` is the batch row's error code:
-    ``UNREADABLE`` (missing, not a regular file, no permission) or ``TOO_LARGE``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_IN_MESSAGE, *,
