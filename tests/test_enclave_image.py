@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import Proc, free_port, tcp_env
-from nitrolesion.enclave_image import IMAGE_PATHS
+from nitrolesion.enclave_image import DEV_ATTESTATION_PATHS, IMAGE_PATHS
 from nitrolesion.limits import PROJECT_ROOT
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -43,6 +43,32 @@ def test_dockerfile_copies_exactly_the_image_paths():
     instructions = [l for l in text.splitlines() if l.strip() and not l.startswith("#")]
     for line in instructions:  # no keys made or copied at build time, no rngd
         assert not re.search(r"rngd|\.pem|genrsa|keygen|private", line, re.IGNORECASE), line
+
+
+#: Modules only the parent, the verifier or the training use: never in the image, so that
+#: editing them leaves PCR0 (and every user's policy) as it is.
+PARENT_OR_TRAINING_ONLY = (
+    "parent/", "nitrolesion/parent/", "nitrolesion/attestation/cli.py",
+    "nitrolesion/attestation/verifier.py", "nitrolesion/attestation/policy.py",
+    "nitrolesion/attestation/trust.py", "nitrolesion/attestation/roots/",
+    "nitrolesion/crypto/keystore.py", "nitrolesion/model/metrics.py",
+    "nitrolesion/model/dataset.py", "nitrolesion/model/predictions.py", "models/splits/",
+    "models/train", "models/evaluate.py", "models/compare.py", "models/training_report.json",
+    "tests/", "bench/", "scripts/",
+)
+#: Development only: in the image only as DEV_ATTESTATION_PATHS, loaded with --dev-attestation.
+DEVELOPMENT_ONLY = ("nitrolesion/attestation/dev_authority.py", "nitrolesion/attestation/cose.py")
+
+
+def test_image_holds_only_what_the_enclave_runs():
+    """The list the Dockerfile copies names files, each present, none parent-, training-
+    or development-only."""
+    assert len(set(IMAGE_PATHS)) == len(IMAGE_PATHS)
+    for relative in IMAGE_PATHS:
+        assert (PROJECT_ROOT / relative).is_file(), relative
+        assert not relative.startswith(PARENT_OR_TRAINING_ONLY + DEVELOPMENT_ONLY), relative
+    for relative in DEV_ATTESTATION_PATHS:
+        assert (PROJECT_ROOT / relative).is_file() and relative not in IMAGE_PATHS, relative
 
 
 def test_enclave_requirements_are_pinned():
@@ -154,16 +180,40 @@ def test_tests_run_the_image_versions_of_shared_packages():
     assert not drifted, f"run `python3 dev.py test` to reinstall .venv: {drifted}"
 
 
-def copy_image_tree(destination: Path) -> Path:
-    for relative in IMAGE_PATHS:
-        source = PROJECT_ROOT / relative
+def copy_image_tree(destination: Path, paths=IMAGE_PATHS + DEV_ATTESTATION_PATHS) -> Path:
+    """The image's files (by default with the development authority's, for a run off
+    Nitro) under ``destination``, as the Dockerfile copies them."""
+    for relative in paths:
         target = destination / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(source, target)
+        shutil.copy2(PROJECT_ROOT / relative, target)
     return destination
+
+
+def test_production_image_loads_the_enclave_without_parent_or_dev_modules(image_venv, tmp_path):
+    """Exactly IMAGE_PATHS, the image's interpreter: the app and everything it imports at
+    start load, and nothing parent-, training- or development-only is among them."""
+    app_dir = copy_image_tree(tmp_path / "app", IMAGE_PATHS)
+    code = ("import sys; import nitrolesion.enclave.app, enclave.service\n"
+            "print('\\n'.join(sorted(m for m in sys.modules if m.startswith(('nitrolesion', 'enclave')))))")
+    env = dict(tcp_env(), PYTHONPATH=str(app_dir))
+    run = subprocess.run([str(image_venv), "-c", code], cwd=app_dir, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split()
+    assert "nitrolesion.enclave.app" in loaded
+    for module in loaded:
+        path = module.replace(".", "/")
+        assert not path.startswith(tuple(p.removesuffix(".py") for p in
+                                         PARENT_OR_TRAINING_ONLY + DEVELOPMENT_ONLY)), module
+    help_run = subprocess.run([str(image_venv), "enclave/app.py", "--help"], cwd=app_dir,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and "--dev-attestation" in help_run.stdout, help_run.stderr
+    dev_run = subprocess.run([str(image_venv), "enclave/app.py", "3", "5005", "5006",
+                              "--dev-attestation", str(tmp_path / "dev")], cwd=app_dir, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert dev_run.returncode == 1 and "no development attestation authority" in dev_run.stderr
+    assert "Traceback" not in dev_run.stderr, dev_run.stderr
 
 
 def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test_image_paths,
@@ -174,7 +224,9 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
     key_dir, dev_dir = tmp_path / "parent-keys", tmp_path / "dev"
     parent_port, client_port = free_port(), free_port()
     env = tcp_env(key_dir)
-    env["PYTHONPATH"] = str(app_dir)  # as the Dockerfile's ENV PYTHONPATH=/app
+    env.pop("PYTHONPATH", None)
+    # The enclave imports the package from the copied tree, as the Dockerfile's ENV PYTHONPATH=/app.
+    enclave_env = dict(env, PYTHONPATH=str(app_dir))
     from nitrolesion.attestation.dev_authority import DevAttestationAuthority
     from nitrolesion.attestation.policy import AttestationPolicy
     from nitrolesion.enclave_image import image_files
@@ -194,7 +246,7 @@ def test_enclave_runs_from_exactly_the_image_contents(image_venv, tmp_path, test
         enclave = subprocess.Popen(
             [str(image_venv), "-u", "enclave/app.py", "3", str(client_port), str(parent_port),
              "--dev-attestation", str(dev_dir)],
-            cwd=app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=app_dir, env=enclave_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         server.wait_for("Enclave public key received", timeout=120)
         run = subprocess.run(
             [sys.executable, str(PROJECT_ROOT / "parent" / "parent.py"), "classify",

@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from nitrolesion.attestation.dev_authority import DevAttestationAuthority
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.nsm import NSM_DEVICE_PATH, NsmClient
+
+if TYPE_CHECKING:  # imported when used: the enclave image holds it only for development
+    from nitrolesion.attestation.dev_authority import DevAttestationAuthority
 
 
 class AttestationProvider(Protocol):
@@ -52,7 +54,7 @@ class DevAttestationProvider:
 
     is_development = True
 
-    def __init__(self, authority: DevAttestationAuthority) -> None:
+    def __init__(self, authority: "DevAttestationAuthority") -> None:
         self.authority = authority
 
     def attest(
@@ -91,6 +93,8 @@ def open_attestation_provider(
     if Path(nsm_path).exists():
         return NsmAttestationProvider(NsmClient.open(Path(nsm_path)))
     if dev_state_dir is not None:
+        from nitrolesion.attestation.dev_authority import DevAttestationAuthority
+
         return DevAttestationProvider(DevAttestationAuthority.load_or_create(Path(dev_state_dir), measured_files, base=base))
     raise AttestationUnavailable(
         f"expected a Nitro Secure Module at {nsm_path}, got none: run inside a Nitro Enclave, "

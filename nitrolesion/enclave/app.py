@@ -25,9 +25,8 @@ from pathlib import Path
 
 from enclave.service import (
     HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
-from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE
+from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.provider import open_attestation_provider
-from nitrolesion.enclave_image import image_files
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
@@ -79,12 +78,27 @@ def without_tflite_notices():
 def write_dev_policy(authority) -> Path:
     """Write DIR/policy.json pinning the development PCRs, so a local client runs with
     ``--dev-root DIR/dev_root.pem --policy DIR/policy.json``."""
+    from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE
     from nitrolesion.attestation.policy import AttestationPolicy
     from nitrolesion.crypto.keystore import write_private_file
 
     policy = AttestationPolicy.for_dev_pcrs(authority.pcrs)
     data = (json.dumps(policy.to_dict(), indent=2) + "\n").encode()
     return write_private_file(authority.root_pem_path.parent, DEV_POLICY_FILE, data, mode=0o644)
+
+
+def measured_files(args) -> list[Path]:
+    """What the development authority measures into PCR0 (nothing without
+    --dev-attestation: on Nitro the NSM measures the image). Imported only when needed, as
+    the production image does not carry the development modules."""
+    if not args.dev_attestation:
+        return []
+    try:
+        from nitrolesion.enclave_image import image_files
+    except ModuleNotFoundError as exc:  # a production image: the development files are not in it
+        raise AttestationUnavailable("--dev-attestation: this image has no development "
+                                     "attestation authority; only the NSM attests it") from exc
+    return image_files(PROJECT_ROOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_status
     started = time.perf_counter()
     try:
-        attestor = open_attestation_provider(args.dev_attestation, image_files(PROJECT_ROOT), base=PROJECT_ROOT)
+        attestor = open_attestation_provider(args.dev_attestation, measured_files(args),
+                                             base=PROJECT_ROOT)
         if getattr(attestor, "is_development", False):
-            write_dev_policy(attestor.authority)
+            dev_policy = write_dev_policy(attestor.authority)
         with without_tflite_notices():  # the runtime's notice comes with the first interpreter
             model = LesionModel(args.model, args.labels)
         config = ServiceConfig(
@@ -193,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("DEVELOPMENT attestation authority in use (%s): not a real enclave",
                     args.dev_attestation)
         if getattr(attestor, "is_development", False):
-            policy = attestor.authority.root_pem_path.parent / DEV_POLICY_FILE
             log.info("development policy for this enclave's PCRs: --dev-root %s --policy %s",
-                     attestor.authority.root_pem_path, policy)
+                     attestor.authority.root_pem_path, dev_policy)
 
     def on_signal(signum, _frame):
         service.shutdown()
