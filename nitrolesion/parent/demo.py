@@ -122,7 +122,7 @@ def run_demo(args) -> int:
 
         dev_dir = state / "dev-authority"
         step(f"development attestation authority in {dev_dir} (stands for the AWS Nitro PKI); "
-             "PCRs measured here from enclave/, nitrolesion/ and the model")
+             "PCRs measured here from the image's files (nitrolesion/enclave_image.py)")
         DevAttestationAuthority.load_or_create(dev_dir, image_files(PROJECT_ROOT), base=PROJECT_ROOT)
         step(f"parent server on tcp:127.0.0.1:{parent_port} (stands for vsock port 5006); "
              "it believes only an announcement attested with those PCRs")
