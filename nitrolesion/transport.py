@@ -1,11 +1,13 @@
 """Sockets: the only module in the package that does network I/O.
 
-Two transports carry the same frames:
+Three transports carry the same frames behind one interface (``Transport``: connect,
+listen, accept, each giving a ``FramedConnection``):
 
 * ``vsock``: AF_VSOCK between the parent instance and the enclave (the production path;
   the enclave has no other network).
 * ``tcp``: loopback TCP for development and tests on machines without Nitro Enclaves.
   Enclave CIDs are ignored and the endpoint's ``host`` (default 127.0.0.1) is used.
+* ``MemoryTransport``: connections inside one process (tests), over socket pairs.
 
 Socket exceptions are translated here into TransportError (with ``from exc``), and frame
 parsing is delegated to the sans-I/O nitrolesion.wire.frames.FrameDecoder. When AF_VSOCK
@@ -19,12 +21,15 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import queue
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from nitrolesion.errors import (
     ConnectionClosed,
@@ -42,8 +47,13 @@ __all__ = [
     "MIN_ENCLAVE_CID",
     "TRANSPORTS",
     "TRANSPORT_ENV",
+    "SOCKETS",
     "Endpoint",
     "FramedConnection",
+    "Listener",
+    "MemoryTransport",
+    "SocketTransport",
+    "Transport",
     "VsockUnavailable",
     "accept",
     "check_cid",
@@ -552,3 +562,122 @@ def free_tcp_port(host: str = DEFAULT_TCP_HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+# -- the transport interface ---------------------------------------------------------------
+# What the server, the client and the enclave service need from a transport, so that
+# everything above framing can run over vsock, TCP or in memory alike (httpx's
+# BaseTransport / MockTransport are the model).
+class Listener(Protocol):
+    """A bound, listening endpoint that hands out framed connections."""
+
+    def accept(self, *, timeout: float | None, max_body: int = MAX_BODY) -> FramedConnection:
+        """The next connection; TransportTimeout when none came within ``timeout``."""
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+
+
+class Transport(Protocol):
+    """Opens framed connections to, and listens on, endpoints."""
+
+    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+        """A connection to ``endpoint``; TransportError when nothing answers."""
+
+    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> Listener:
+        """Listen on ``endpoint``; TransportError when its port cannot be had."""
+
+
+class SocketListener:
+    """A listening vsock or TCP socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def accept(self, *, timeout: float | None, max_body: int = MAX_BODY) -> FramedConnection:
+        return accept(self.socket, timeout=timeout, max_body=max_body)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class SocketTransport:
+    """vsock or TCP, as each endpoint says: the production transport."""
+
+    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+        return connect(endpoint, timeout)
+
+    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> SocketListener:
+        return SocketListener(listen(endpoint, backlog))
+
+
+#: The transport every caller uses unless it is given another one.
+SOCKETS = SocketTransport()
+
+
+class MemoryListener:
+    """The listening side of a MemoryTransport port: a queue of connected stream pairs."""
+
+    def __init__(self, transport: "MemoryTransport", port: int) -> None:
+        self._transport = transport
+        self.port = port
+        self._pending: "queue.Queue[socket.socket]" = queue.Queue()
+        self.closed = False
+
+    def _deliver(self, sock: socket.socket) -> None:
+        self._pending.put(sock)
+
+    def accept(self, *, timeout: float | None, max_body: int = MAX_BODY) -> FramedConnection:
+        try:
+            sock = self._pending.get(timeout=timeout)
+        except queue.Empty:
+            raise TransportTimeout(f"no connection within {timeout} s") from None
+        return FramedConnection(sock, max_body=max_body, timeout=timeout)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._transport._forget(self.port)
+            while not self._pending.empty():  # connections nobody will accept: refuse them
+                self._pending.get_nowait().close()
+
+
+class MemoryTransport:
+    """Connections inside this process, by port only (an endpoint's transport, CID and
+    host are not looked at): each connect makes a connected pair of local stream sockets
+    (``socket.socketpair``, no network, no address) and queues one end for the listener.
+
+    The real FramedConnection runs over it, so whole-call timeouts, partial frames and a
+    peer closing behave as on a socket; nothing leaves the process.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[int, MemoryListener] = {}
+        self._lock = threading.Lock()
+        self._next_port = 1
+
+    def endpoint(self) -> Endpoint:
+        """A fresh endpoint no listener of this transport uses yet."""
+        with self._lock:
+            port, self._next_port = self._next_port, self._next_port + 1
+        return Endpoint("tcp", 0, port)
+
+    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> MemoryListener:
+        with self._lock:
+            if endpoint.port in self._listeners:
+                raise TransportError(f"cannot listen on memory:{endpoint.port}: in use")
+            listener = self._listeners[endpoint.port] = MemoryListener(self, endpoint.port)
+        return listener
+
+    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+        with self._lock:
+            listener = self._listeners.get(endpoint.port)
+        if listener is None:
+            raise TransportError(f"cannot connect to memory:{endpoint.port}: nothing listens")
+        ours, theirs = socket.socketpair()
+        listener._deliver(theirs)
+        return FramedConnection(ours, timeout=timeout)
+
+    def _forget(self, port: int) -> None:
+        with self._lock:
+            self._listeners.pop(port, None)

@@ -23,7 +23,7 @@ from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.crypto.result_signature import sign_result
 from nitrolesion.errors import ConnectionClosed, NitroLesionError
 from nitrolesion.protocol import EnclaveSession, OneShotReceived
-from nitrolesion.transport import Endpoint, connect, free_tcp_port
+from nitrolesion.transport import MemoryTransport
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorMessage, SealedResult, decode_message)
@@ -56,27 +56,31 @@ def world(tmp_path, keys):
     parent_key = ParentKeyStore(tmp_path / "keys").load_or_create()
     events: queue.Queue = queue.Queue()
     clock = Clock()
-    port = free_tcp_port()
-    server = ParentServer(Endpoint("tcp", 3, port), parent_key, tmp_path / "keys", events.put,
-                          trust=trust, clock=clock)
+    # In memory: what is tested is the server's trust, not its sockets (test_pipeline and
+    # the hostile cases run it over TCP).
+    transport = MemoryTransport()
+    endpoint = transport.endpoint()
+    server = ParentServer(endpoint, parent_key, tmp_path / "keys", events.put,
+                          trust=trust, clock=clock, transport=transport)
     server.bind()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     assert events.get(timeout=5).kind == "ready"
-    yield {"authority": authority, "port": port, "events": events, "clock": clock,
+    yield {"authority": authority, "transport": transport, "endpoint": endpoint,
+           "events": events, "clock": clock,
            "parent_public": public_key_der(parent_key), "state": tmp_path / "keys", **keys}
     server.stop()
     # Wake its accept (a 0.5 s poll) with a connection that closes at once: the loop sees
     # the stop flag now instead of at the next poll.
     try:
-        connect(Endpoint("tcp", 3, port), timeout=5).close()
+        transport.connect(endpoint, timeout=5).close()
     except NitroLesionError:
         pass  # already closed: nothing to wake
     thread.join(timeout=5)
 
 
 def connection(world):
-    return connect(Endpoint("tcp", 3, world["port"]), timeout=10)
+    return world["transport"].connect(world["endpoint"], timeout=10)
 
 
 def announce(world, link, key="enclave", attestation=None):

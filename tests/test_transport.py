@@ -307,3 +307,35 @@ def test_vsock_nothing_listening_names_the_hint(fake_vsock, monkeypatch, error):
 
 def test_local_vsock_cid_without_device(tmp_path):
     assert transport.local_vsock_cid(str(tmp_path / "no-such-device")) is None
+
+
+# -- the in-memory transport ----------------------------------------------------------------
+def test_memory_transport_carries_frames_both_ways_without_a_network():
+    memory = transport.MemoryTransport()
+    endpoint = memory.endpoint()
+    listener = memory.listen(endpoint)
+    with memory.connect(endpoint, timeout=TIMEOUT) as client, \
+            listener.accept(timeout=TIMEOUT) as server:
+        client.send(MessageType.HELLO, b"hello")
+        assert server.receive().body == b"hello"
+        server.send(MessageType.GOODBYE, b"")
+        assert client.receive().type == MessageType.GOODBYE
+    listener.close()
+
+
+def test_memory_transport_refuses_like_a_socket():
+    memory = transport.MemoryTransport()
+    endpoint = memory.endpoint()
+    with pytest.raises(TransportError, match="nothing listens"):
+        memory.connect(endpoint, timeout=TIMEOUT)
+    listener = memory.listen(endpoint)
+    with pytest.raises(TransportError, match="in use"):
+        memory.listen(endpoint)
+    with pytest.raises(transport.TransportTimeout):
+        listener.accept(timeout=0.05)
+    pending = memory.connect(endpoint, timeout=TIMEOUT)
+    listener.close()  # a connection nobody accepted is closed, as a socket's backlog is
+    with pytest.raises(ConnectionClosed):
+        pending.receive(timeout=TIMEOUT)
+    with pytest.raises(TransportError, match="nothing listens"):
+        memory.connect(endpoint, timeout=TIMEOUT)

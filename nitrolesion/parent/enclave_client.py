@@ -29,7 +29,7 @@ from nitrolesion.errors import ConnectionClosed, ProtocolError, RemoteError
 from nitrolesion.protocol import (
     AttestationReceived, ClientSession, Closed, OneShotAccepted, PeerError, ResultReceived,
     SessionEstablished, State)
-from nitrolesion.transport import Endpoint, FramedConnection, connect
+from nitrolesion.transport import SOCKETS, Endpoint, FramedConnection, Transport
 from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import Attestation, EnclaveAnnounce, ErrorCode
 #: Seconds to wait for any single answer from the enclave (a classification takes ~20 ms;
@@ -106,8 +106,11 @@ class EnclaveClient:
     """One connection to the enclave's client port: moves frames between the socket and
     the protocol state machine (nitrolesion.protocol.ClientSession), verifies attestation."""
 
-    def __init__(self, endpoint: Endpoint, trust: Trust, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoint: Endpoint, trust: Trust, timeout: float = DEFAULT_TIMEOUT,
+                 transport: Transport = SOCKETS) -> None:
+        """``transport`` connects to ``endpoint`` (vsock or TCP; in memory in tests)."""
         self.endpoint = endpoint
+        self.transport = transport
         self.trust = trust
         self.timeout = timeout
         self.connection: FramedConnection | None = None
@@ -146,7 +149,7 @@ class EnclaveClient:
 
     def attest(self, expected_key: bytes | None = None) -> AttestationResult:
         """Connect, send HELLO with a fresh nonce and verify the ATTESTATION answer."""
-        self.connection = connect(self.endpoint, timeout=self.timeout)
+        self.connection = self.transport.connect(self.endpoint, timeout=self.timeout)
         self.session = ClientSession()
         self._send(self.session.hello())
         offered = self._next_event(AttestationReceived)

@@ -37,7 +37,7 @@ from nitrolesion.crypto.result_signature import verify_result
 from nitrolesion.errors import (
     ConnectionClosed, CryptoError, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
-from nitrolesion.transport import Endpoint, FramedConnection, accept, listen
+from nitrolesion.transport import SOCKETS, Endpoint, FramedConnection, Transport
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
@@ -103,10 +103,12 @@ class ParentServer:
                  on_event: Callable[[ServerEvent], None], *, trust: Trust,
                  max_connections: int = MAX_CONNECTIONS, io_timeout: float = IO_TIMEOUT,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, transport: Transport = SOCKETS) -> None:
         """``trust`` decides which announcements are believed (the client's trust);
-        ``clock`` (seconds since the epoch) is compared with the enclave's signed time."""
+        ``clock`` (seconds since the epoch) is compared with the enclave's signed time;
+        ``transport`` listens on ``endpoint`` (vsock or TCP; in memory in tests)."""
         self.endpoint = endpoint
+        self.transport = transport
         self.trust = trust
         self._clock = clock
         self._seen: OrderedDict[bytes, float] = OrderedDict()  # request id -> enclave time
@@ -122,7 +124,7 @@ class ParentServer:
 
     def bind(self) -> None:
         """Open the port; raises TransportError (port in use, no AF_VSOCK, ...)."""
-        self._listener = listen(self.endpoint)
+        self._listener = self.transport.listen(self.endpoint)
 
     def serve_forever(self) -> None:
         if self._listener is None:
@@ -130,7 +132,7 @@ class ParentServer:
         self.on_event(ServerEvent("ready", "Server ready!"))
         while not self._stopping.is_set():
             try:
-                connection = accept(self._listener, timeout=0.5)
+                connection = self._listener.accept(timeout=0.5)
             except NitroLesionError:
                 continue
             if not self._slots.acquire(blocking=False):
