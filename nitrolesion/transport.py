@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol, Union
 
 from nitrolesion.errors import (
     ConnectionClosed,
@@ -38,7 +38,7 @@ from nitrolesion.errors import (
     TransportTimeout,
     UsageError,
 )
-from nitrolesion.limits import DEFAULT_TCP_HOST
+from nitrolesion.limits import ANY_CID, DEFAULT_TCP_HOST
 from nitrolesion.wire.frames import MAX_BODY, Frame, FrameDecoder, encode_frame
 
 __all__ = [
@@ -48,8 +48,13 @@ __all__ = [
     "TRANSPORTS",
     "TRANSPORT_ENV",
     "SOCKETS",
+    "AnyEndpoint",
     "Endpoint",
     "FramedConnection",
+    "MemoryEndpoint",
+    "TcpEndpoint",
+    "VsockEndpoint",
+    "endpoint_for",
     "Listener",
     "MemoryTransport",
     "SocketTransport",
@@ -78,7 +83,6 @@ MAX_TCP_PORT = 2**16 - 1
 # CIDs are 32-bit as well (struct sockaddr_vm.svm_cid).
 MAX_VSOCK_CID = 2**32 - 1
 # Linux's VMADDR_CID_ANY, used when the running Python lacks the constant.
-_VMADDR_CID_ANY = MAX_VSOCK_CID
 _VSOCK_HINT = "off Nitro, use --transport tcp (or ENCLAVE_TRANSPORT=tcp)"
 #: Ports the commands accept, for both transports: the same command line must work over
 #: vsock on Nitro and over TCP off it, and TCP ports are 16-bit (0 would mean "any").
@@ -192,41 +196,81 @@ def no_enclave_here(device: str = NITRO_ENCLAVES_DEVICE) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where to connect or listen.
+class VsockEndpoint:
+    """A vsock address: an enclave's (or the parent's) CID and a port.
 
-    With ``transport == "tcp"`` the ``cid`` is ignored and ``host`` is used instead; with
-    ``"vsock"`` the ``host`` is ignored. Raises TransportError from the constructor for an
-    unknown transport or an out-of-range cid/port.
+    Raises TransportError from the constructor for an out-of-range cid or port.
     """
 
-    transport: str
     cid: int
     port: int
-    host: str = DEFAULT_TCP_HOST
+    transport: ClassVar[str] = "vsock"
 
     def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise TransportError(
-                f"unknown transport {self.transport!r}; expected one of {', '.join(TRANSPORTS)}"
-            )
-        limit = MAX_TCP_PORT if self.transport == "tcp" else MAX_VSOCK_PORT
-        if not _is_uint(self.port, limit):
-            raise TransportError(f"{self.transport} port must be in 0..{limit}, got {self.port!r}")
-        if self.transport == "vsock" and not _is_uint(self.cid, MAX_VSOCK_CID):
+        if not _is_uint(self.port, MAX_VSOCK_PORT):
+            raise TransportError(f"vsock port must be in 0..{MAX_VSOCK_PORT}, got {self.port!r}")
+        if not _is_uint(self.cid, MAX_VSOCK_CID):
             raise TransportError(f"vsock cid must be in 0..{MAX_VSOCK_CID}, got {self.cid!r}")
 
     @property
-    def address(self) -> tuple[int, int] | tuple[str, int]:
-        """The socket address: ``(cid, port)`` for vsock, ``(host, port)`` for tcp."""
-        if self.transport == "tcp":
-            return (self.host, self.port)
+    def address(self) -> tuple[int, int]:
         return (self.cid, self.port)
 
     def __str__(self) -> str:
-        if self.transport == "tcp":
-            return f"tcp:{self.host}:{self.port}"
         return f"vsock:{self.cid}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpEndpoint:
+    """A TCP address (development and tests off Nitro). Raises TransportError from the
+    constructor for an out-of-range port."""
+
+    port: int
+    host: str = DEFAULT_TCP_HOST
+    transport: ClassVar[str] = "tcp"
+
+    def __post_init__(self) -> None:
+        if not _is_uint(self.port, MAX_TCP_PORT):
+            raise TransportError(f"tcp port must be in 0..{MAX_TCP_PORT}, got {self.port!r}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEndpoint:
+    """A port of a MemoryTransport (inside one process)."""
+
+    port: int
+    transport: ClassVar[str] = "memory"
+
+    def __str__(self) -> str:
+        return f"memory:{self.port}"
+
+
+#: Where to connect or listen; each transport has its own kind, with only its own fields.
+AnyEndpoint = Union[VsockEndpoint, TcpEndpoint, MemoryEndpoint]
+
+
+def endpoint_for(transport: str, cid: int, port: int, host: str = DEFAULT_TCP_HOST
+                 ) -> VsockEndpoint | TcpEndpoint:
+    """The endpoint a command line names: with ``vsock`` the CID and port; with ``tcp``
+    (off Nitro) CIDs map to ``host``. Raises TransportError for an unknown transport or an
+    out-of-range cid or port."""
+    if transport == "vsock":
+        return VsockEndpoint(cid, port)
+    if transport == "tcp":
+        return TcpEndpoint(port, host)
+    raise TransportError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+
+
+#: The former one-class name, still called by enclave/service.py until its split
+#: (issue 20 point 1); new code names its endpoint's kind or calls endpoint_for.
+Endpoint = endpoint_for
 
 
 def _new_socket(transport: str) -> socket.socket:
@@ -245,13 +289,13 @@ def _new_socket(transport: str) -> socket.socket:
     # A kernel with the vsock module but no transport (a laptop, most CI) creates, binds
     # and listens on vsock sockets happily, and nothing can ever connect: say so now.
     # (vsock_loopback alone also reports no CID, yet serves CID 1: leave that one be.)
-    if local_vsock_cid() == _VMADDR_CID_ANY and not os.path.isdir(_LOOPBACK_MODULE):
+    if local_vsock_cid() == ANY_CID and not os.path.isdir(_LOOPBACK_MODULE):
         sock.close()
         raise VsockUnavailable(_unavailable("the kernel has no vsock transport"))
     return sock
 
 
-def _vsock_connect_error(endpoint: Endpoint, exc: OSError) -> TransportError:
+def _vsock_connect_error(endpoint: VsockEndpoint, exc: OSError) -> TransportError:
     """The error for a failed vsock connect: VsockUnavailable when vsock cannot work here,
     otherwise "nothing answered" with the hint that fits this machine."""
     reason = exc.strerror or str(exc)
@@ -264,7 +308,7 @@ def _vsock_connect_error(endpoint: Endpoint, exc: OSError) -> TransportError:
                           f"listening there?); {_VSOCK_HINT}")
 
 
-def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+def connect(endpoint: VsockEndpoint | TcpEndpoint, timeout: float | None) -> FramedConnection:
     """Open a connection to ``endpoint`` and wrap it in a FramedConnection.
 
     ``timeout`` (seconds, None = block) bounds the connect (a vsock connect at most
@@ -297,7 +341,7 @@ def connect(endpoint: Endpoint, timeout: float | None) -> FramedConnection:
     return FramedConnection(sock, timeout=timeout)
 
 
-def listen(endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+def listen(endpoint: VsockEndpoint | TcpEndpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     """Bind and listen on ``endpoint.port``; return the listening socket.
 
     vsock binds VMADDR_CID_ANY (the endpoint's cid is ignored: an enclave or a parent
@@ -312,8 +356,7 @@ def listen(endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((endpoint.host, endpoint.port))
         else:
-            cid_any = getattr(socket, "VMADDR_CID_ANY", _VMADDR_CID_ANY)
-            sock.bind((cid_any, endpoint.port))
+            sock.bind((ANY_CID, endpoint.port))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
@@ -581,10 +624,10 @@ class Listener(Protocol):
 class Transport(Protocol):
     """Opens framed connections to, and listens on, endpoints."""
 
-    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+    def connect(self, endpoint: AnyEndpoint, timeout: float | None) -> FramedConnection:
         """A connection to ``endpoint``; TransportError when nothing answers."""
 
-    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> Listener:
+    def listen(self, endpoint: AnyEndpoint, backlog: int = DEFAULT_BACKLOG) -> Listener:
         """Listen on ``endpoint``; TransportError when its port cannot be had."""
 
 
@@ -604,10 +647,10 @@ class SocketListener:
 class SocketTransport:
     """vsock or TCP, as each endpoint says: the production transport."""
 
-    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+    def connect(self, endpoint: VsockEndpoint | TcpEndpoint, timeout: float | None) -> FramedConnection:
         return connect(endpoint, timeout)
 
-    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> SocketListener:
+    def listen(self, endpoint: VsockEndpoint | TcpEndpoint, backlog: int = DEFAULT_BACKLOG) -> SocketListener:
         return SocketListener(listen(endpoint, backlog))
 
 
@@ -656,20 +699,20 @@ class MemoryTransport:
         self._lock = threading.Lock()
         self._next_port = 1
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self) -> MemoryEndpoint:
         """A fresh endpoint no listener of this transport uses yet."""
         with self._lock:
             port, self._next_port = self._next_port, self._next_port + 1
-        return Endpoint("tcp", 0, port)
+        return MemoryEndpoint(port)
 
-    def listen(self, endpoint: Endpoint, backlog: int = DEFAULT_BACKLOG) -> MemoryListener:
+    def listen(self, endpoint: MemoryEndpoint, backlog: int = DEFAULT_BACKLOG) -> MemoryListener:
         with self._lock:
             if endpoint.port in self._listeners:
                 raise TransportError(f"cannot listen on memory:{endpoint.port}: in use")
             listener = self._listeners[endpoint.port] = MemoryListener(self, endpoint.port)
         return listener
 
-    def connect(self, endpoint: Endpoint, timeout: float | None) -> FramedConnection:
+    def connect(self, endpoint: MemoryEndpoint, timeout: float | None) -> FramedConnection:
         with self._lock:
             listener = self._listeners.get(endpoint.port)
         if listener is None:

@@ -166,9 +166,9 @@ class EnclaveStack:
         return Trust(AttestationPolicy.for_dev_pcrs(self.authority.pcrs), load_pem_roots(self.dev_root))
 
     def endpoint(self):
-        from nitrolesion.transport import Endpoint
+        from nitrolesion.transport import TcpEndpoint
 
-        return Endpoint("tcp", 16, self.client_port)
+        return TcpEndpoint(self.client_port)
 
     def stop(self, wait: bool = True) -> None:
         """SIGTERM the enclave, then the server, each waited for (killed after 20 s).

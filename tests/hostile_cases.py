@@ -53,7 +53,7 @@ from nitrolesion.errors import (
     ConnectionClosed, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
 from nitrolesion.model.classifier import LesionModel
-from nitrolesion.transport import Endpoint, FramedConnection, connect
+from nitrolesion.transport import FramedConnection, TcpEndpoint, connect
 from nitrolesion.wire.frames import HEADER, MAGIC, PROTOCOL_VERSION, MessageType, encode_frame
 from nitrolesion.wire.messages import (
     MAX_ERROR_TEXT, AnnounceAck, Attestation, EnclaveAnnounce, ErrorMessage, Hello,
@@ -244,8 +244,8 @@ class HostileContext:
         port = self.stack.client_port if target == "enclave" else self.stack.parent_port
         return ("127.0.0.1", port)
 
-    def endpoint(self, target: str = "enclave") -> Endpoint:
-        return Endpoint("tcp", 16, self.address(target)[1])
+    def endpoint(self, target: str = "enclave") -> TcpEndpoint:
+        return TcpEndpoint(self.address(target)[1])
 
     @property
     def parent_public_key(self) -> bytes:

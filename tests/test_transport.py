@@ -14,11 +14,13 @@ import pytest
 from nitrolesion import transport
 from nitrolesion.errors import BadMagic, ConnectionClosed, ProtocolError, TransportError, UsageError
 from nitrolesion.transport import (
-    Endpoint,
     FramedConnection,
+    TcpEndpoint,
+    VsockEndpoint,
     accept,
     connect,
     default_transport,
+    endpoint_for,
     free_tcp_port,
     listen,
 )
@@ -30,7 +32,7 @@ SHORT = 0.2  # how long the "silent peer" tests wait
 
 @pytest.fixture
 def listener():
-    sock = listen(Endpoint("tcp", cid=16, port=0))
+    sock = listen(TcpEndpoint(0))
     yield sock
     sock.close()
 
@@ -39,7 +41,7 @@ def listener():
 def pair(listener):
     """A connected (client, server) pair of FramedConnections over loopback TCP."""
     port = listener.getsockname()[1]
-    client = connect(Endpoint("tcp", cid=16, port=port), timeout=TIMEOUT)
+    client = connect(TcpEndpoint(port), timeout=TIMEOUT)
     server = accept(listener, timeout=TIMEOUT)
     yield client, server
     client.close()
@@ -98,7 +100,7 @@ def test_timeout_on_silent_peer(pair):
 
 def test_default_timeout_from_constructor(listener):
     port = listener.getsockname()[1]
-    client = connect(Endpoint("tcp", cid=0, port=port), timeout=SHORT)
+    client = connect(TcpEndpoint(port), timeout=SHORT)
     server = accept(listener, timeout=TIMEOUT)
     with client, server:
         with pytest.raises(TransportError, match=f"within {SHORT} s"):
@@ -169,7 +171,7 @@ def test_connect_refused_is_transport_error(listener):
     port = listener.getsockname()[1]
     listener.close()
     with pytest.raises(TransportError, match="cannot connect to tcp:127.0.0.1"):
-        connect(Endpoint("tcp", cid=16, port=port), timeout=TIMEOUT)
+        connect(TcpEndpoint(port), timeout=TIMEOUT)
 
 
 def test_accept_timeout(listener):
@@ -177,15 +179,20 @@ def test_accept_timeout(listener):
         accept(listener, timeout=0.05)
 
 
-def test_endpoint_tcp_ignores_cid_and_validates():
-    assert Endpoint("tcp", cid=16, port=5005).address == ("127.0.0.1", 5005)
-    assert Endpoint("tcp", cid=16, port=5005, host="10.0.0.2").address == ("10.0.0.2", 5005)
-    assert Endpoint("vsock", cid=16, port=5005).address == (16, 5005)
-    assert str(Endpoint("vsock", cid=16, port=5005)) == "vsock:16:5005"
+def test_each_transport_has_its_own_endpoint():
+    assert TcpEndpoint(5005).address == ("127.0.0.1", 5005)
+    assert TcpEndpoint(5005, "10.0.0.2").address == ("10.0.0.2", 5005)
+    assert VsockEndpoint(16, 5005).address == (16, 5005)
+    assert str(VsockEndpoint(16, 5005)) == "vsock:16:5005"
+    # A command line's CID and port: with tcp the CID maps to the host.
+    assert endpoint_for("tcp", 16, 5005, "10.0.0.2") == TcpEndpoint(5005, "10.0.0.2")
+    assert endpoint_for("vsock", 16, 5005) == VsockEndpoint(16, 5005)
     with pytest.raises(TransportError, match="unknown transport"):
-        Endpoint("udp", cid=0, port=1)
+        endpoint_for("udp", 0, 1)
     with pytest.raises(TransportError, match="port"):
-        Endpoint("tcp", cid=0, port=70000)
+        TcpEndpoint(70000)
+    with pytest.raises(TransportError, match="cid"):
+        VsockEndpoint(-1, 5005)
 
 
 def test_default_transport():
@@ -215,7 +222,7 @@ def test_vsock_off_nitro_fails_at_once_genuine():
     The kernel answers a vsock connect at once or after its own 2 s timeout."""
     started = time.monotonic()
     with pytest.raises(TransportError, match=VSOCK_HINT):
-        connect(Endpoint("vsock", cid=16, port=free_tcp_port()), timeout=60)
+        connect(VsockEndpoint(16, free_tcp_port()), timeout=60)
     assert time.monotonic() - started < transport.VSOCK_CONNECT_TIMEOUT + 2
 
 
@@ -264,18 +271,18 @@ def test_vsock_unusable_errors_say_so(fake_vsock, error):
     with pytest.raises(transport.VsockUnavailable,
                        match=f"^vsock is not available on this machine \\({reason} connecting to "
                              f"vsock:16:5005\\): {VSOCK_HINT}$"):
-        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+        connect(VsockEndpoint(16, 5005), timeout=60)
     with pytest.raises(transport.VsockUnavailable,
                        match=f"^vsock is not available on this machine \\({reason} listening on "
                              f"port 5005\\): {VSOCK_HINT}$"):
-        listen(Endpoint("vsock", cid=16, port=5005))
+        listen(VsockEndpoint(16, 5005))
 
 
 def test_vsock_socket_creation_failure_says_so(fake_vsock):
     # A kernel without the vsock module: socket() fails with EAFNOSUPPORT.
     fake_vsock["create"] = errno.EAFNOSUPPORT
-    for call in (lambda: connect(Endpoint("vsock", cid=16, port=5005), timeout=1),
-                 lambda: listen(Endpoint("vsock", cid=16, port=5005))):
+    for call in (lambda: connect(VsockEndpoint(16, 5005), timeout=1),
+                 lambda: listen(VsockEndpoint(16, 5005))):
         with pytest.raises(transport.VsockUnavailable,
                            match=f"Address family not supported by protocol\\): {VSOCK_HINT}"):
             call()
@@ -287,7 +294,7 @@ def test_vsock_without_transport_says_so(fake_vsock, monkeypatch):
     monkeypatch.setattr(transport, "local_vsock_cid", lambda: 2**32 - 1)
     monkeypatch.setattr(transport, "_LOOPBACK_MODULE", "/nonexistent")
     with pytest.raises(transport.VsockUnavailable, match="no vsock transport"):
-        listen(Endpoint("vsock", cid=16, port=5005))
+        listen(VsockEndpoint(16, 5005))
 
 
 @pytest.mark.parametrize("error", [errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED])
@@ -298,11 +305,11 @@ def test_vsock_nothing_listening_names_the_hint(fake_vsock, monkeypatch, error):
     monkeypatch.setattr(transport, "no_enclave_here", lambda: True)
     with pytest.raises(TransportError, match="no /dev/nitro_enclaves, so no enclave runs beside "
                                              f"it: {VSOCK_HINT}") as info:
-        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+        connect(VsockEndpoint(16, 5005), timeout=60)
     assert not isinstance(info.value, transport.VsockUnavailable)
     monkeypatch.setattr(transport, "no_enclave_here", lambda: False)
     with pytest.raises(TransportError, match=f"is it running and listening there\\?\\); {VSOCK_HINT}"):
-        connect(Endpoint("vsock", cid=16, port=5005), timeout=60)
+        connect(VsockEndpoint(16, 5005), timeout=60)
 
 
 def test_local_vsock_cid_without_device(tmp_path):

@@ -30,7 +30,7 @@ from nitrolesion.model.labels import CODES
 from nitrolesion.parent.enclave_client import EnclaveClient, ImageOutcome
 from nitrolesion.parent.images import expand_images, read_image_file
 from nitrolesion.parent.options import POLICY_FILE, key_dir_of, pcr_lines, transport_of
-from nitrolesion.transport import Endpoint
+from nitrolesion.transport import endpoint_for
 from nitrolesion.wire.messages import printable
 
 CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
@@ -361,7 +361,7 @@ def run_classify(args, make_trust) -> int:
         raise UsageError(problem)
     trust = make_trust()
     batch = _Batch(args, paths, policy_provenance(args))
-    endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
+    endpoint = endpoint_for(transport_of(args), args.cid, args.port, args.host)
     progress = None
     try:
         with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:

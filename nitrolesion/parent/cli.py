@@ -34,7 +34,7 @@ from nitrolesion.limits import ANY_CID, DEFAULT_ENCLAVE_CID, DEFAULT_ENCLAVE_POR
 from nitrolesion.parent.options import (
     POLICY_FILE, add_transport_options, add_trust_options, key_dir_of, pcr_lines, transport_of,
     trust_of)
-from nitrolesion.transport import MIN_ENCLAVE_CID, Endpoint, check_cid, check_port, no_enclave_here
+from nitrolesion.transport import MIN_ENCLAVE_CID, check_cid, check_port, endpoint_for, no_enclave_here
 
 #: Third-party modules the commands import, some only when they run (requirements.txt);
 #: nitrolesion.environment checks them before main() runs.
@@ -70,7 +70,7 @@ def cmd_server(args) -> int:
 
     trust = trust_of(args)
     key = ParentKeyStore(key_dir_of(args)).load_or_create()
-    endpoint = Endpoint(transport_of(args), ANY_CID, args.port, args.host)
+    endpoint = endpoint_for(transport_of(args), ANY_CID, args.port, args.host)
     if endpoint.transport == "vsock" and no_enclave_here():
         # Not refused: a container on a parent instance may lack the device node.
         print("parent.py server: note: this machine has no /dev/nitro_enclaves, so no enclave "
@@ -111,7 +111,7 @@ def cmd_client(args) -> int:
               "then the enclave, and wait for 'Enclave public key received'", file=sys.stderr)
         return 1
     parent_key = ParentKeyStore(key_dir).load_or_create()
-    endpoint = Endpoint(transport_of(args), args.cid, args.port, args.host)
+    endpoint = endpoint_for(transport_of(args), args.cid, args.port, args.host)
     with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:
         result = client.attest(expected_key=announced.public_key)
         print(f"Enclave attested: module {result.module_id}, key sha256 "

@@ -28,7 +28,7 @@ from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.enclave_image import image_files
 from nitrolesion.errors import NitroLesionError
 from nitrolesion.limits import DEFAULT_TCP_HOST, PARENT_CID, PROJECT_ROOT
-from nitrolesion.transport import Endpoint, free_tcp_port
+from nitrolesion.transport import TcpEndpoint, free_tcp_port
 from nitrolesion.parent.enclave_client import EnclaveClient, Trust
 from nitrolesion.parent.images import NO_IMAGE_HELP, default_image, read_image_file
 from nitrolesion.parent.server import ParentServer, ServerEvent
@@ -126,7 +126,7 @@ def run_demo(args) -> int:
         DevAttestationAuthority.load_or_create(dev_dir, image_files(PROJECT_ROOT), base=PROJECT_ROOT)
         step(f"parent server on tcp:127.0.0.1:{parent_port} (stands for vsock port 5006); "
              "it believes only an announcement attested with those PCRs")
-        server = ParentServer(Endpoint("tcp", 3, parent_port), parent_key, state / "parent", on_event,
+        server = ParentServer(TcpEndpoint(parent_port), parent_key, state / "parent", on_event,
                               trust=Trust.for_dev_enclave(dev_dir))
         server.bind()
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -141,7 +141,7 @@ def run_demo(args) -> int:
                       load_pem_roots(dev_dir / ROOT_CERT_FILE))
         step(f"client: fresh nonce -> attestation document; verifying chain to the dev root, "
              f"signature, nonce and the PCRs of {dev_dir / DEV_POLICY_FILE}")
-        endpoint = Endpoint("tcp", 16, client_port)
+        endpoint = TcpEndpoint(client_port)
         with EnclaveClient(endpoint, trust) as client:
             result = client.attest(expected_key=announced.data["public_key"])
             print(f"    verified: module {result.module_id}, enclave key sha256 "

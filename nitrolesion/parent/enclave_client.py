@@ -29,7 +29,7 @@ from nitrolesion.errors import ConnectionClosed, ProtocolError, RemoteError
 from nitrolesion.protocol import (
     AttestationReceived, ClientSession, Closed, OneShotAccepted, PeerError, ResultReceived,
     SessionEstablished, State)
-from nitrolesion.transport import SOCKETS, Endpoint, FramedConnection, Transport
+from nitrolesion.transport import SOCKETS, AnyEndpoint, FramedConnection, Transport
 from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import Attestation, EnclaveAnnounce, ErrorCode
 #: Seconds to wait for any single answer from the enclave (a classification takes ~20 ms;
@@ -106,7 +106,7 @@ class EnclaveClient:
     """One connection to the enclave's client port: moves frames between the socket and
     the protocol state machine (nitrolesion.protocol.ClientSession), verifies attestation."""
 
-    def __init__(self, endpoint: Endpoint, trust: Trust, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, endpoint: AnyEndpoint, trust: Trust, timeout: float = DEFAULT_TIMEOUT,
                  transport: Transport = SOCKETS) -> None:
         """``transport`` connects to ``endpoint`` (vsock or TCP; in memory in tests)."""
         self.endpoint = endpoint

@@ -37,7 +37,7 @@ from nitrolesion.crypto.result_signature import verify_result
 from nitrolesion.errors import (
     ConnectionClosed, CryptoError, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
-from nitrolesion.transport import SOCKETS, Endpoint, FramedConnection, Transport
+from nitrolesion.transport import SOCKETS, AnyEndpoint, FramedConnection, Transport
 from nitrolesion.wire.frames import MessageType
 from nitrolesion.wire.messages import (
     AnnounceAck, EnclaveAnnounce, ErrorCode, ErrorMessage, SealedResult,
@@ -99,7 +99,7 @@ def load_announcement(state_dir: Path) -> EnclaveAnnounce | None:
 class ParentServer:
     """Accepts enclave connections on the parent port; one thread per connection."""
 
-    def __init__(self, endpoint: Endpoint, private_key, state_dir: Path,
+    def __init__(self, endpoint: AnyEndpoint, private_key, state_dir: Path,
                  on_event: Callable[[ServerEvent], None], *, trust: Trust,
                  max_connections: int = MAX_CONNECTIONS, io_timeout: float = IO_TIMEOUT,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
