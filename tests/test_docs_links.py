@@ -51,4 +51,5 @@ def test_relative_links_resolve(document):
 
 def test_the_readme_stays_short_for_its_reader():
     # The README serves an operator; detail lives in docs/ (issue: one home per concept).
-    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 230
+    # About 200 lines of prose plus the one-line-per-module Layout the same issue asks for.
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 260
