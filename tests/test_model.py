@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from nitrolesion.errors import ModelError
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, normalised, usable_cpus
 from nitrolesion.model.dataset import read_metadata, load_split, image_path, make_split
 from nitrolesion.model.labels import CODES, load_labels
 from nitrolesion.model.metrics import roc_auc, summarize
@@ -67,6 +67,26 @@ def test_classify_is_preprocess_then_interpreter(classifier, test_image_paths):
     direct = classifier.predict_array(preprocess_image(data, classifier.input_size))
     via_bytes = classifier.classify(data)
     assert np.allclose(direct, [via_bytes.probabilities[c] for c in CODES], atol=1e-9)
+    # The two halves the enclave's workers and inference thread run separately.
+    assert np.array_equal(classifier.preprocess(data), preprocess_image(data, classifier.input_size))
+    assert classifier.prediction_from(classifier.predict_array(classifier.preprocess(data))) == via_bytes
+
+
+def test_interpreter_threads_do_not_change_the_answer(classifier, test_image_paths):
+    # The enclave runs one interpreter on every CPU; its answers must be the one-thread
+    # answers the pipeline benchmark and the tests compare against (measured: identical).
+    several = LesionModel().new_classifier(num_threads=max(2, usable_cpus()))
+    for path in test_image_paths:
+        pixels = preprocess_image(path.read_bytes(), classifier.input_size)
+        assert np.allclose(several.predict_array(pixels), classifier.predict_array(pixels),
+                           rtol=0, atol=1e-6)
+
+
+def test_output_normalisation():
+    assert np.allclose(normalised(np.array([0.5, 0.25, -0.01, 0.25], np.float32)),
+                       [0.5, 0.25, 0.0, 0.25])
+    assert np.array_equal(normalised(np.zeros(4, np.float32)), np.full(4, 0.25))
+    assert usable_cpus() >= 1
 
 
 def test_shipped_model_averages_mirror_images(classifier, test_image_paths):

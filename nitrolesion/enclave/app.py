@@ -118,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev-attestation", type=Path, metavar="DIR",
                         help="DEVELOPMENT ONLY: sign attestation documents with a local "
                              "development authority kept in DIR instead of /dev/nsm")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="classifier threads, one interpreter each (default: CPU count)")
+    # 2, not the CPU count: workers decode and deliver around the one interpreter, which
+    # runs on every CPU; 2 measured fastest of 1-4 (bench/pipeline.py --workers N).
+    parser.add_argument("--workers", type=int, default=2,
+                        help="threads that decode images and deliver answers around the one "
+                             "interpreter, which runs on every CPU (default 2)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,

@@ -1,12 +1,18 @@
-"""Inference with the shipped TFLite model: load once, one interpreter per worker.
+"""Inference with the shipped TFLite model: load once, one interpreter per process.
 
 ``LesionModel`` reads the model file and labels once; ``LesionModel.new_classifier()`` gives
-a :class:`Classifier` that owns one TFLite interpreter. Interpreters are not thread-safe, so
-each worker thread takes its own; they all share the one model buffer.
+a :class:`Classifier` that owns one TFLite interpreter. An interpreter is not thread-safe:
+one thread at a time may call :meth:`Classifier.predict_array` (the enclave's WorkerPool
+gives it one thread of its own), and it is given several threads (``num_threads``) rather
+than made several times: each interpreter holds ~29 MiB (its activation arena, where the
+widest layer is four mirror views of 96x96x96 float32, and the float16 weights expanded to
+float32), so every extra one costs that again (bench/worker_memory.py).
+:meth:`Classifier.preprocess`, the decoding half, needs no interpreter: any thread may run it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +73,26 @@ class LesionModel:
         self.input_size = probe.input_size
 
     def new_classifier(self, num_threads: int = 1) -> "Classifier":
-        """A classifier with its own interpreter (use one per thread)."""
+        """A classifier with its own interpreter running on ``num_threads`` threads (use it
+        from one thread at a time; see :func:`usable_cpus` for "all cores")."""
         return Classifier(self, num_threads)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the CPU count, at least 1)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity on this platform
+        return os.cpu_count() or 1
+
+
+def normalised(output: np.ndarray) -> np.ndarray:
+    """The model's raw output row as probabilities: clipped at 0, summing to exactly 1."""
+    raw = np.clip(output.astype(np.float64), 0, None)
+    total = raw.sum()
+    # The int8 output is quantized in steps of 1/256; renormalise so the seven
+    # probabilities sum to exactly 1 for the caller.
+    return raw / total if total > 0 else np.full(len(raw), 1.0 / len(raw))
 
 
 class Classifier:
@@ -96,14 +120,15 @@ class Classifier:
         self._output_index = out["index"]
 
     def predict_array(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities (7, summing to 1) for one preprocessed (S, S, 3) float32 array."""
-        self._interpreter.set_tensor(self._input_index, pixels[np.newaxis].astype(np.float32))
+        """Probabilities (7, summing to 1) for one preprocessed (S, S, 3) float32 array.
+
+        Uses the interpreter: one thread at a time."""
+        # set_tensor copies into the interpreter's own buffer; no float32 copy before it
+        # when the array already is one (preprocess_image gives float32).
+        self._interpreter.set_tensor(self._input_index,
+                                     np.asarray(pixels, dtype=np.float32)[np.newaxis])
         self._interpreter.invoke()
-        raw = np.clip(self._interpreter.get_tensor(self._output_index)[0].astype(np.float64), 0, None)
-        total = raw.sum()
-        # The int8 output is quantized in steps of 1/256; renormalise so the seven
-        # probabilities sum to exactly 1 for the caller.
-        return raw / total if total > 0 else np.full(len(raw), 1.0 / len(raw))
+        return normalised(self._interpreter.get_tensor(self._output_index)[0])
 
     def classify(self, image: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -115,9 +140,18 @@ class Classifier:
 
         Raises :class:`~nitrolesion.errors.ImageError` for input that is not an acceptable image.
         """
-        pixels = preprocess_image(image, self.input_size, max_bytes=max_bytes,
-                                  max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
-        return self.prediction_from(self.predict_array(pixels))
+        return self.prediction_from(self.predict_array(self.preprocess(
+            image, max_bytes=max_bytes, max_pixels=max_pixels,
+            max_decoded_bytes=max_decoded_bytes)))
+
+    def preprocess(self, image: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+        """The first half of :meth:`classify`: ``preprocess_image`` at this model's input
+        size. Touches no interpreter, so any thread may call it while another one runs
+        :meth:`predict_array`. Raises :class:`~nitrolesion.errors.ImageError`."""
+        return preprocess_image(image, self.input_size, max_bytes=max_bytes,
+                                max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
 
     def prediction_from(self, probabilities: np.ndarray) -> Prediction:
         best = int(np.argmax(probabilities))
