@@ -117,7 +117,8 @@ def main(argv: list[str]) -> int:
     elif job == "test":
         command = [python, "-m", "pytest", *rest]
     else:
-        for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py"):
+        for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py",
+                       "bench/worker_memory.py"):
             print(f"\n$ python {script}", flush=True)
             status = subprocess.run([python, str(ROOT / script)], cwd=ROOT).returncode
             if status:

@@ -6,8 +6,9 @@ Threads:
 - the accept loop takes client connections, at most ``max_connections`` at once;
 - one handler thread per connection moves frames between the socket and that
   connection's protocol state machine (nitrolesion.protocol.EnclaveSession);
-- ``workers`` classifier threads, each with its own TFLite interpreter, take jobs from a
-  bounded queue; a full queue answers BUSY instead of growing.
+- ``workers`` threads take jobs from a bounded queue (a full queue answers BUSY instead of
+  growing), decode them and deliver the answers around one TFLite interpreter that runs on
+  every CPU in its own inference thread.
 
 Nothing here logs an image, a label or a key: log lines name requests by counter/size only.
 """
