@@ -27,14 +27,15 @@ import cbor2
 
 from nitrolesion.crypto.envelope import generate_keypair, public_key_der
 from nitrolesion.errors import (
-    ConnectionClosed, ImageError, NitroLesionError, ProtocolError, TransportError,
+    Busy, ConnectionClosed, ImageError, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
+from nitrolesion.limits import ANY_CID
 from nitrolesion.memory_budget import (
     FRAME_COPIES, MIB, MemoryBudget, Reservation, budget_for_enclave_memory)
 from nitrolesion.model.classifier import LesionModel, Prediction, usable_cpus
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decoded_bytes_estimate
 from nitrolesion.transport import (
-    Endpoint, FramedConnection, VsockUnavailable, accept, connect, listen)
+    FramedConnection, VsockUnavailable, accept, connect, endpoint_for, listen)
 from nitrolesion.protocol import (
     AttestationRequested, BadRequest, EnclaveSession, ImageReceived, OneShotReceived,
     SessionOpened, State, error_code, error_frame)
@@ -70,8 +71,6 @@ PARENT_BACKOFF = (0.2, 5.0)
 #: backoff afresh. A link the parent drops sooner (a flapping or hostile host that acks
 #: and closes at once) keeps backing off, so it cannot make us re-attest in a tight loop.
 STABLE_LINK_SECONDS = 10.0
-#: Listening binds every local CID (the endpoint's cid is ignored for listening).
-VMADDR_CID_ANY = 0xFFFFFFFF
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
@@ -99,10 +98,6 @@ class ServiceConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     memory_budget: int = field(default_factory=budget_for_enclave_memory)
     once: bool = False
-
-
-class Busy(NitroLesionError):
-    """The job queue is full, or no memory is left for the job right now."""
 
 
 class FrameRefused(NitroLesionError):
@@ -258,7 +253,7 @@ class ParentLink:
 
     def __init__(self, config: ServiceConfig, announce: Callable[[], EnclaveAnnounce],
                  stopping: threading.Event) -> None:
-        self._endpoint = Endpoint(config.transport, config.parent_cid, config.parent_port,
+        self._endpoint = endpoint_for(config.transport, config.parent_cid, config.parent_port,
                                   config.host)
         self._announce = announce
         self._stopping = stopping
@@ -436,7 +431,8 @@ class EnclaveService:
     # -- lifecycle ---------------------------------------------------------------------
     def bind(self) -> None:
         """Open the client port; raises TransportError (e.g. port in use, no AF_VSOCK)."""
-        endpoint = Endpoint(self.config.transport, VMADDR_CID_ANY, self.config.client_port, self.config.host)
+        # Listening binds every local CID.
+        endpoint = endpoint_for(self.config.transport, ANY_CID, self.config.client_port, self.config.host)
         self._listener = listen(endpoint, backlog=128)
         log.info("listening for clients on %s", endpoint)
 

@@ -6,6 +6,7 @@
     ├── ImageFileError               a local image file that is not sent (unreadable, too large)
     ├── ImageError                   the bytes are not an image we accept
     ├── ModelError                   the model file or labels are missing or inconsistent
+    ├── Busy                         the enclave has no queue slot or memory for a job right now
     ├── ProtocolError                the peer sent bytes that are not a valid frame
     │   ├── FrameTooLarge            a declared length over the limit
     │   ├── BadMagic                 the header does not start with b"NL"
@@ -63,6 +64,11 @@ class ImageError(NitroLesionError):
 
 class ModelError(NitroLesionError):
     """The model or its labels file is missing, unreadable or inconsistent."""
+
+
+class Busy(NitroLesionError):
+    """The enclave's job queue is full, or no memory is left for the job right now: the
+    peer is answered BUSY and may try again."""
 
 
 class ProtocolError(NitroLesionError):

@@ -263,7 +263,8 @@ class ClientSession(_Side):
         self._enclave_key: RsaKey | None = None
         self._enclave_random = b""
         self._binding = b""
-        self._keys: tuple[bytes, SessionKeys] | None = None
+        self._keys: tuple[bytes, SessionKeys] | None = None  # until SESSION_READY
+        self._confirmation = b""  # what SESSION_READY must carry
         self._outstanding: set[int] = set()
         self._one_shot_id = b""
 

@@ -49,7 +49,6 @@ __all__ = [
     "TRANSPORT_ENV",
     "SOCKETS",
     "AnyEndpoint",
-    "Endpoint",
     "FramedConnection",
     "MemoryEndpoint",
     "TcpEndpoint",
@@ -266,11 +265,6 @@ def endpoint_for(transport: str, cid: int, port: int, host: str = DEFAULT_TCP_HO
     if transport == "tcp":
         return TcpEndpoint(port, host)
     raise TransportError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
-
-
-#: The former one-class name, still called by enclave/service.py until its split
-#: (issue 20 point 1); new code names its endpoint's kind or calls endpoint_for.
-Endpoint = endpoint_for
 
 
 def _new_socket(transport: str) -> socket.socket:

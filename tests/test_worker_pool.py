@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from enclave.service import Busy, WorkerPool
+from enclave.service import WorkerPool
+from nitrolesion.errors import Busy
 from nitrolesion.errors import ImageError, NitroLesionError
 from nitrolesion.memory_budget import MemoryBudget
 from nitrolesion.model.classifier import Classifier, LesionModel, usable_cpus
