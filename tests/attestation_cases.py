@@ -261,15 +261,16 @@ def forge_leaf_and_resign(data: bytes) -> bytes:
 
 # -- synthetic chains: a Nitro-shaped PKI built here, for X.509 defects no real document has --
 
-CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-    key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
-)
+def key_usage(*granted: str) -> x509.KeyUsage:
+    """A KeyUsage extension granting exactly the named usages (x509.KeyUsage's argument names)."""
+    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{name: name in granted for name in names})
+
+
+CA_KEY_USAGE = key_usage("digital_signature", "key_cert_sign", "crl_sign")
 # What Nitro leaf certificates carry (non-critical): digitalSignature and contentCommitment.
-LEAF_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True, content_commitment=True, key_encipherment=False, data_encipherment=False,
-    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
-)
+LEAF_KEY_USAGE = key_usage("digital_signature", "content_commitment")
 # An extension no verifier can know: an OID under the documentation-only arc 2.999 (X.660).
 UNKNOWN_EXTENSION = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.999.1.1"), b"\x05\x00")
 

@@ -22,6 +22,7 @@ from attestation_cases import (
     flip_signature_byte,
     forge_leaf_and_resign,
     join,
+    key_usage,
     lookalike_root,
     nitro_ca_extensions,
     nitro_leaf_extensions,
@@ -355,14 +356,8 @@ def test_unknown_non_critical_extension_is_ignored():
     _verify_synthetic(intermediate_extensions=nitro_ca_extensions(0) + [(UNKNOWN_EXTENSION, False)])
 
 
-NO_CERT_SIGN = x509.KeyUsage(
-    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-    key_agreement=False, key_cert_sign=False, crl_sign=True, encipher_only=False, decipher_only=False,
-)
-NO_DIGITAL_SIGNATURE = x509.KeyUsage(
-    digital_signature=False, content_commitment=True, key_encipherment=False, data_encipherment=False,
-    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
-)
+NO_CERT_SIGN = key_usage("digital_signature", "crl_sign")
+NO_DIGITAL_SIGNATURE = key_usage("content_commitment")
 
 
 @pytest.mark.parametrize(
