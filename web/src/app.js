@@ -131,15 +131,17 @@ async function runBatch(files) {
   progress.value = 0;
   $("progress-text").textContent = `0 / ${files.length}`;
   page.started ??= new Date();
+  const first = page.rows.length; // rows keep the order the files were chosen in, as classify's
+  page.rows.push(...files.map(() => null));
   const items = await Promise.all(files.map(readItem));
   const answer = (index, result, error) => {
     const file = files[index].name;
     render(cards[index], file, result, error);
     cards[index].classList.remove("pending");
-    page.rows.push(result ? {
+    page.rows[first + index] = result ? {
       file, code: result.code, label: result.name, confidence: round6(result.confidence),
       probabilities: Object.fromEntries(CODES.map((c) => [c, round6(result.probabilities[c] ?? 0)])),
-    } : { file, error: { code: error[0], message: error[1] } });
+    } : { file, error: { code: error[0], message: error[1] } };
     progress.value += 1;
     $("progress-text").textContent = `${progress.value} / ${files.length}`;
     document.body.dataset.firstResultMs ??= Math.round(performance.now());
@@ -184,7 +186,8 @@ function provenance() {
 
 function download() {
   const seconds = (Date.now() - page.started.getTime()) / 1000;
-  const text = resultsCsv(page.rows, provenance(), summaryOf(page.rows, seconds));
+  const done = page.rows.filter((row) => row !== null); // a batch may still be running
+  const text = resultsCsv(done, provenance(), summaryOf(done, seconds, page.rows.length));
   const link = el("a", { href: URL.createObjectURL(new Blob([text], { type: "text/csv" })), download: "results.csv" });
   document.body.append(link);
   link.click();

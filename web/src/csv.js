@@ -31,14 +31,14 @@ export function pyJson(value) {
 const quote = (text) => `"${String(text).replaceAll('"', '""')}"`;
 const safeLine = (text) => String(text).replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
 
-/** The summary block of classify.summary_of for finished ``rows``. */
-export function summaryOf(rows, seconds) {
+/** The summary block of classify.summary_of for the finished ``rows`` of ``total``. */
+export function summaryOf(rows, seconds, total = rows.length) {
   const ok = rows.filter((r) => !r.error);
   const count = (list) => Object.fromEntries(Object.entries(list.reduce((m, k) => ({ ...m, [k]: (m[k] || 0) + 1 }), {})).sort());
   return {
-    images: rows.length, classified: ok.length, failed: rows.length - ok.length,
+    images: total, classified: ok.length, failed: rows.length - ok.length,
     failed_by_reason: count(rows.filter((r) => r.error).map((r) => r.error.code)),
-    interrupted: 0, complete: true,
+    interrupted: total - rows.length, complete: rows.length === total,
     by_code: count(ok.map((r) => r.code)),
     seconds: Number(seconds.toFixed(3)),
     images_per_second: seconds > 0 ? Number((rows.length / seconds).toFixed(2)) : null,
