@@ -12,7 +12,7 @@ mkdirSync(out, { recursive: true });
 await build({
   entryPoints: ["src/app.js"],
   bundle: true,
-  format: "esm",
+  format: "iife", // a classic script: it also runs from a copy saved to disk (file://)
   minify: true,
   target: "es2022",
   legalComments: "eof",

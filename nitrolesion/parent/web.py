@@ -111,6 +111,10 @@ class WebServer:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         body, kind = self.files[path]
         headers = Headers({"Content-Type": kind, "Content-Length": str(len(body)), **SECURITY_HEADERS})
+        if path == "/config.json":
+            # Public facts; readable by a copy of the page saved and opened from disk.
+            headers["Access-Control-Allow-Origin"] = "*"
+
         return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
 
     async def relay_one(self, websocket) -> None:

@@ -15,6 +15,10 @@ const el = (tag, props = {}, ...children) => {
   return node;
 };
 
+// The relay (and config.json) live where the page came from, or, for a copy saved and
+// opened from disk (docs/WEB.md, "Trust"), at ?relay=https://host/.
+const RELAY_BASE = new URL(new URLSearchParams(location.search).get("relay") || location.href, location.href);
+
 const page = { config: null, trustedRoots: null, connection: null, attestation: null, rows: [], started: null, chain: Promise.resolve() };
 
 async function trustedRoots(config) {
@@ -48,7 +52,7 @@ function showAttestation(state, text, check) {
 async function connection() {
   if (page.connection && !page.connection.relay.closed) return page.connection;
   showAttestation("checking", "Checking the enclave's attestation...");
-  const url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
+  const url = `${RELAY_BASE.protocol === "https:" ? "wss:" : "ws:"}//${RELAY_BASE.host}/ws`;
   const relay = await Relay.open(url);
   try {
     const attested = await attest(relay, { policy: page.config.policy, trustedRoots: page.trustedRoots });
@@ -201,7 +205,7 @@ function take(files) {
 
 async function boot() {
   $("notice").textContent = NOTICE;
-  const response = await fetch("config.json", { cache: "no-store" });
+  const response = await fetch(new URL("config.json", RELAY_BASE), { cache: "no-store" });
   page.config = await response.json();
   page.trustedRoots = await trustedRoots(page.config);
   showPolicy(page.config);
