@@ -31,7 +31,7 @@ from nitrolesion.errors import UsageError
 from nitrolesion.limits import PROJECT_ROOT
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
 from nitrolesion.parent.classify import policy_provenance, sha256_of_file
-from nitrolesion.parent.options import load_policy, transport_of
+from nitrolesion.parent.options import transport_of, trust_of
 from nitrolesion.parent.web_relay import MAX_MESSAGE, Relay
 from nitrolesion.transport import check_port, endpoint_for
 
@@ -64,22 +64,16 @@ def page_config(args) -> dict:
     Raises NoPolicy (exit 1, the same line as client/classify) without a policy, unless
     --insecure-any-enclave; UsageError for an unreadable --policy or --dev-root.
     """
-    from nitrolesion.attestation.trust import load_pem_roots
-
-    policy = load_policy(args)
-    roots = []
-    for path in args.dev_root:
-        try:
-            roots.extend(load_pem_roots(path))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--dev-root {path}: not a readable PEM certificate file") from exc
+    trust = trust_of(args)
+    policy = trust.policy
     served = policy.to_dict()
     served["any_pcrs"] = policy.any_pcrs
     return {
         "version": __version__,
         "policy": served,
         "policy_provenance": policy_provenance(args),
-        "dev_roots": [base64.b64encode(cert.public_bytes(Encoding.DER)).decode() for cert in roots],
+        "dev_roots": [base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+                      for cert in trust.extra_roots],
         "model_file_local": str(DEFAULT_MODEL_PATH),
         "model_sha256_local": sha256_of_file(DEFAULT_MODEL_PATH),
     }
