@@ -50,7 +50,10 @@ function showAttestation(state, text, check) {
 
 /** A verified, open session to the enclave (a new one when the last was closed). */
 async function connection() {
-  if (page.connection && !page.connection.relay.closed) return page.connection;
+  const open = page.connection?.relay;
+  // An idle session hears nothing; anything queued (the enclave's idle TIMEOUT) means stale.
+  if (open && !open.closed && open.frames.length === 0) return page.connection;
+  if (open) open.ws.close();
   showAttestation("checking", "Checking the enclave's attestation...");
   const url = `${RELAY_BASE.protocol === "https:" ? "wss:" : "ws:"}//${RELAY_BASE.host}/ws`;
   const relay = await Relay.open(url);
@@ -128,7 +131,11 @@ async function readItem(file) {
 }
 
 async function runBatch(files) {
-  const cards = files.map((file) => el("article", { className: "result pending", textContent: `${file.name}: waiting` }));
+  const cards = files.map((file) => {
+    const card = el("article", { className: "result pending", textContent: `${file.name}: waiting` });
+    card.dataset.testid = "pending";
+    return card;
+  });
   $("results").prepend(...cards);
   const progress = $("progress");
   progress.max = files.length;

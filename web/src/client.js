@@ -76,13 +76,6 @@ export class Relay {
     }
     return frame;
   }
-
-  close() {
-    if (!this.closed) {
-      try { this.ws.send(encodeFrame(Type.GOODBYE, {})); } catch (e) { /* closing anyway */ }
-      this.ws.close();
-    }
-  }
 }
 
 function expect(frame, type) {
