@@ -354,3 +354,22 @@ def test_a_saved_copy_served_from_the_clinics_machine_uses_the_relay(chromium, s
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_session_the_enclave_closed_while_idle_is_replaced(chromium, test_image_paths, tmp_path):
+    """The enclave closes a silent session (--io-timeout); the next images attest anew."""
+    idle = EnclaveStack(tmp_path, enclave_args=("--io-timeout", "1"), start_server=False)
+    site = Site(idle, idle.tmp / "dev-policy.json")
+    try:
+        assert open_page(chromium, site.url) == "verified"
+        deadline = time.monotonic() + WAIT
+        while not any(c["down"] and c["down"][-1].type == MessageType.ERROR for c in site.proxy.since(0)):
+            assert time.monotonic() < deadline, "the enclave never closed the idle session"
+            time.sleep(0.1)
+        choose(chromium, [test_image_paths[0]])
+        [shown] = results(chromium, 1)
+        assert shown["code"] == "nv"
+        assert len(site.proxy.since(0)) == 2  # the closed session, then a new attested one
+    finally:
+        site.stop()
+        idle.stop(wait=False)
