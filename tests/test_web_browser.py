@@ -373,3 +373,21 @@ def test_a_session_the_enclave_closed_while_idle_is_replaced(chromium, test_imag
     finally:
         site.stop()
         idle.stop(wait=False)
+
+
+def test_images_dropped_on_the_page_are_classified(chromium, site, test_image_paths):
+    """Drag and drop: a drop event carrying a file (built in the page, as a browser builds
+    one from a dragged file) is classified like a chosen one."""
+    import base64
+
+    image = test_image_paths[0]
+    assert open_page(chromium, site.url) == "verified"
+    chromium.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dropped = new DataTransfer();
+        dropped.items.add(new File([bytes], arguments[1], {type: "image/jpeg"}));
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dropped, bubbles: true, cancelable: true}));
+    """, base64.b64encode(image.read_bytes()).decode(), image.name)
+    [shown] = results(chromium, 1)
+    assert shown["file"] == image.name and shown["code"] == "nv"
