@@ -3,7 +3,7 @@
 
     python3 dev.py setup             # only create .venv (then: source .venv/bin/activate)
     python3 dev.py demo [ARGS...]    # the local end-to-end demo (parent.py demo ARGS)
-    python3 dev.py test [ARGS...]    # the test suite (pytest ARGS)
+    python3 dev.py test [ARGS...]    # the test suite (pytest ARGS); installs Chromium as root
     python3 dev.py bench             # the benchmark scripts, one after another
 
 The virtualenv lives in .venv/ and is (re)installed only when a requirements file changed;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -93,6 +94,30 @@ def install_project() -> None:
     stamp.write_text(digest)
 
 
+#: What the browser tests drive (tests/test_web_browser.py): Debian's Chromium and its
+#: WebDriver, from apt; never a browser downloaded by a test tool.
+BROWSER_PACKAGES = ("chromium", "chromium-driver")
+
+
+def ensure_browser() -> None:
+    """Install Chromium and chromedriver with apt when they are missing and we are root (CI
+    runs as root on a fresh machine); otherwise say how, and the browser tests skip."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("dev.py: note: Chromium is not installed, so the browser tests will skip; "
+              f"install it with `apt-get install {' '.join(BROWSER_PACKAGES)}`", file=sys.stderr, flush=True)
+        return
+    print(f"dev.py: installing {', '.join(BROWSER_PACKAGES)} with apt-get (browser tests)", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", *BROWSER_PACKAGES]):
+        if subprocess.run(command, env=env, stdout=subprocess.DEVNULL).returncode:
+            print(f"dev.py: note: `{' '.join(command)}` failed; the browser tests will skip",
+                  file=sys.stderr, flush=True)
+            return
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):
         print("dev.py: Python 3.10 or newer is required", file=sys.stderr)
@@ -115,6 +140,7 @@ def main(argv: list[str]) -> int:
     if job == "demo":
         command = [python, str(ROOT / "parent" / "parent.py"), "demo", *rest]
     elif job == "test":
+        ensure_browser()
         command = [python, "-m", "pytest", *rest]
     else:
         for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py",

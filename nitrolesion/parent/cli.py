@@ -5,6 +5,7 @@
     python parent/parent.py client 16 5005 [--image P]  attest the enclave, send one sealed image
     python parent/parent.py classify IMAGE|DIR... [--out results.csv|.json] [--json]
     python parent/parent.py demo [--image P]            everything on this machine over TCP
+    python parent/parent.py web [--port 8080]           the clinic's page: attests and encrypts in the browser
     python parent/parent.py verify-attestation FILE [--at ISO8601] [--policy F] ...
 
 Set ENCLAVE_TRANSPORT=tcp (or --transport tcp) on machines without Nitro Enclaves: CIDs
@@ -142,6 +143,12 @@ def cmd_classify(args) -> int:
     return run_classify(args, lambda: trust_of(args))
 
 
+def cmd_web(args) -> int:
+    from nitrolesion.parent.web import run_web
+
+    return run_web(args)
+
+
 def cmd_demo(args) -> int:
     from nitrolesion.parent.demo import run_demo
 
@@ -218,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_transport_options(classify)
     add_trust_options(classify)
     classify.set_defaults(func=cmd_classify)
+
+    web = sub.add_parser("web", help="serve the clinic's page (it attests the enclave and encrypts "
+                                     "in the browser) and relay its ciphertext to the enclave")
+    web.add_argument("--port", type=int, default=8080, help="HTTP port of the page (default %(default)s)")
+    web.add_argument("--bind", default="127.0.0.1",
+                     help="address to serve on (default %(default)s: this machine only; WebCrypto "
+                          "needs localhost or HTTPS, see docs/WEB.md for TLS)")
+    web.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID,
+                     help="enclave CID (default %(default)s)")
+    web.add_argument("--enclave-port", type=int, default=DEFAULT_ENCLAVE_PORT,
+                     help="enclave client port (default %(default)s)")
+    add_transport_options(web)
+    add_trust_options(web, timeout=False)
+    web.set_defaults(func=cmd_web)
 
     demo = sub.add_parser("demo", help="run enclave, server and client on this machine (TCP)")
     demo.add_argument("--image", type=Path, help="image to classify")
