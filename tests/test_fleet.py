@@ -49,14 +49,15 @@ def test_endpoints_parse_both_forms_and_refuse_anything_else():
             parse_enclave(bad)
 
 
-def test_enclaves_file_skips_comments_and_refuses_duplicates(tmp_path):
+def test_enclaves_file_skips_comments_and_allows_repeats(tmp_path):
     listed = tmp_path / "enclaves.txt"
     listed.write_text("# the clinic's fleet\nvsock:16:5005\n\n tcp:127.0.0.1:9000  # relay\n")
     assert read_enclaves_file(listed) == ["vsock:16:5005", "tcp:127.0.0.1:9000"]
     assert fleet_endpoints(["vsock:17:5005"], listed) == [
         VsockEndpoint(17, 5005), VsockEndpoint(16, 5005), TcpEndpoint(9000)]
-    with pytest.raises(UsageError, match="given twice"):
-        fleet_endpoints(["vsock:16:5005"], listed)
+    # Behind a load balancer one address stands for several enclaves: one member each.
+    twice = Fleet(fleet_endpoints(["vsock:16:5005"], listed), Trust(AttestationPolicy.any_enclave()))
+    assert [m.name for m in twice.members] == ["vsock:16:5005", "vsock:16:5005#2", "tcp:127.0.0.1:9000"]
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(UsageError, match="names no enclave"):
         fleet_endpoints([], tmp_path / "empty.txt")

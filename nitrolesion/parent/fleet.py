@@ -67,15 +67,12 @@ def read_enclaves_file(path: Path) -> list[str]:
 
 def fleet_endpoints(enclaves: list[str], enclaves_file: Path | None
                     ) -> list[VsockEndpoint | TcpEndpoint]:
-    """Every --enclave, then every line of --enclaves-file, parsed, duplicates refused
-    (one enclave counted twice would get two sessions and look like two)."""
+    """Every --enclave, then every line of --enclaves-file, parsed. An endpoint may come
+    more than once: behind a load balancer each connection attests whichever enclave it
+    lands on, so one address can stand for several enclaves (the rows' module ids say
+    which one answered)."""
     texts = list(enclaves) + (read_enclaves_file(enclaves_file) if enclaves_file else [])
     endpoints = [parse_enclave(text) for text in texts]
-    seen = set()
-    for endpoint in endpoints:
-        if endpoint in seen:
-            raise UsageError(f"--enclave {endpoint} is given twice")
-        seen.add(endpoint)
     if enclaves_file is not None and not endpoints:
         raise UsageError(f"--enclaves-file {enclaves_file} names no enclave")
     return endpoints
@@ -87,6 +84,7 @@ class Member:
     """One enclave of the fleet and what became of it."""
 
     endpoint: VsockEndpoint | TcpEndpoint
+    copy: int = 1             # the n-th connection to the same endpoint (a load balancer)
     status: str = "waiting"   # attested | refused | unreachable | failed | done
     reason: str = ""
     module_id: str = ""
@@ -98,7 +96,8 @@ class Member:
 
     @property
     def name(self) -> str:
-        return str(self.endpoint)
+        """The endpoint, with ``#n`` for the n-th connection to the same one (n >= 2)."""
+        return str(self.endpoint) + (f"#{self.copy}" if self.copy > 1 else "")
 
     def row_tag(self) -> dict:
         """What each result row records about the enclave that classified it."""
@@ -185,7 +184,8 @@ class Fleet:
                  transport: Transport = SOCKETS) -> None:
         if not endpoints:
             raise UsageError("a fleet needs at least one --enclave")
-        self.members = [Member(endpoint) for endpoint in endpoints]
+        self.members = [Member(endpoint, copy=endpoints[:number].count(endpoint) + 1)
+                        for number, endpoint in enumerate(endpoints)]
         self.trust = trust
         self.timeout = timeout
         self.window = window
