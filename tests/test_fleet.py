@@ -236,6 +236,28 @@ def test_an_unreachable_member_is_reported_and_the_others_do_the_batch(fleet, si
     assert all(e["classified"] > 0 for e in report["enclaves"] if e["enclave"] != str(nobody))
 
 
+def test_a_silent_enclave_times_out_and_its_images_go_to_the_others(fleet, single_answers,
+                                                                     test_image_paths):
+    """An enclave that stops answering (SIGSTOP: connection open, nothing comes back) is
+    given up after --timeout; its unanswered images are classified by the others."""
+    silent = fleet.good[2]
+    batch = Fleet([e.endpoint for e in fleet.good], fleet.trust, timeout=3)
+    paths = [test_image_paths[i % len(test_image_paths)] for i in range(60)]
+    answered = {}
+    try:
+        for event in batch.classify(len(paths), lambda i: paths[i].read_bytes()):
+            if event.outcome is not None:
+                answered[event.outcome.index] = event.outcome.result
+                if len(answered) == 10:
+                    silent.proc.process.send_signal(signal.SIGSTOP)
+    finally:
+        silent.proc.process.send_signal(signal.SIGCONT)
+    assert {i: r for i, r in answered.items()} == {
+        i: single_answers[paths[i].name] for i in range(len(paths))}
+    report = {entry["enclave"]: entry for entry in batch.report()["enclaves"]}
+    assert report[silent.name]["status"] == "failed" and "within 3" in report[silent.name]["reason"]
+
+
 def test_killed_enclave_fails_over_and_the_300_image_batch_completes(fleet, single_answers,
                                                                      test_image_paths):
     """Three enclaves, 300 images (the seven samples in turn); one enclave is killed after

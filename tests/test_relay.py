@@ -8,12 +8,16 @@ in everything that crossed and in the relay's log.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +125,36 @@ def test_relay_carries_exactly_the_sessions_bytes_and_never_plaintext(enclave, t
         assert CONNECTION_LINE.search(line), line
 
 
+def test_fleet_through_one_relay_address_attests_on_every_connection(enclave, tmp_path):
+    """As behind a load balancer: the same address twice is two connections, each attested
+    (the rows name the enclave behind the relay); the results equal a direct session's."""
+    relay, port = start_relay(enclave.client_port)
+    try:
+        out = tmp_path / "results.json"
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps(enclave.trust().policy.to_dict()))
+        done = subprocess.run(
+            [sys.executable, str(PARENT_CLI), "classify", str(PROJECT_ROOT / "sample_images"),
+             "--enclave", f"tcp:127.0.0.1:{port}", "--enclave", f"tcp:127.0.0.1:{port}",
+             "--policy", str(policy), "--dev-root", str(enclave.dev_root), "--out", str(out)],
+            env=tcp_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        document = json.loads(out.read_text())
+        members = {entry["enclave"]: entry for entry in document["summary"]["fleet"]["enclaves"]}
+        assert set(members) == {f"tcp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}#2"}
+        assert {m["module_id"] for m in members.values()} == {enclave.authority.module_id}
+        relay.wait_for(r"connection 2: \d+ bytes to the enclave")  # two relayed sessions
+        with EnclaveClient(enclave.endpoint(), enclave.trust()) as client:
+            client.attest()
+            client.open_session()
+            paths = sorted((PROJECT_ROOT / "sample_images").glob("*.jpg"))
+            direct = {paths[o.index].name: o.result["code"]
+                      for o in client.classify_many([p.read_bytes() for p in paths])}
+        assert {Path(row["file"]).name: row["code"] for row in document["results"]} == direct
+    finally:
+        relay.stop()
+
+
 class HalfCloseServer:
     """Reads until the client shuts its writing half, then answers with what it counted:
     only works if the relay passes a half-close on and keeps the way back open."""
@@ -208,9 +242,6 @@ def test_unreachable_enclave_closes_the_client_connection():
 
 @pytest.mark.parametrize("listen", ["8443", "host:", ":8443", "host:0", "host:x"])
 def test_bad_listen_address_is_a_usage_error(listen):
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, str(PARENT_CLI), "relay", "--listen", listen,
                            "--transport", "tcp"], env=tcp_env(), capture_output=True, text=True,
                           timeout=60)
