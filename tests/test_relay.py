@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -208,6 +209,30 @@ def test_connection_cap_and_idle_timeout():
                        r"idle timeout \(1 s\)")
         first.close()
         second.close()
+    finally:
+        relay.stop()
+        server.listener.close()
+
+
+def test_total_timeout_ends_even_a_busy_connection():
+    server = HalfCloseServer()
+    relay, port = start_relay(server.port, "--total-timeout", "1", "--idle-timeout", "30")
+    try:
+        ended = False
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(100):  # a byte every 0.1 s: never idle, for up to 10 s
+                try:
+                    sock.sendall(b"x")
+                    time.sleep(0.1)
+                    if select.select([sock], [], [], 0)[0] and sock.recv(1) == b"":
+                        ended = True
+                except OSError:  # reset: the relay closed it while we were sending
+                    ended = True
+                if ended:
+                    break
+        assert ended
+        relay.wait_for(r"connection 1: \d+ bytes to the enclave, 0 bytes back, [\d.]+ s, "
+                       r"total timeout \(1 s\)")
     finally:
         relay.stop()
         server.listener.close()

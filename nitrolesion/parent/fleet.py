@@ -8,8 +8,9 @@ is shared between enclaves but the queue of images still to do:
   window has room, so a faster enclave takes more;
 * **fail-over**: when a member's connection breaks or times out mid-batch, the images it
   had taken and not answered go back to the front of the queue and the others take them;
-* **refusal**: a member whose attestation fails is refused, named in the report, and gets
-  nothing; one that cannot be reached is reported as unreachable.
+* **refusal**: a member whose attestation (or handshake) fails is refused, named in the
+  report, and gets nothing; one that cannot be reached, or answers only with an ERROR, is
+  reported as unreachable.
 
 The answers are the enclaves' own (same image, same model: the same row as with one
 enclave); each outcome says which member classified it, for the results' provenance.
@@ -24,8 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nitrolesion.attestation.errors import AttestationError
-from nitrolesion.errors import NitroLesionError, TransportError, UsageError
+from nitrolesion.errors import NitroLesionError, RemoteError, TransportError, UsageError
 from nitrolesion.parent.enclave_client import (
     DEFAULT_TIMEOUT, DEFAULT_WINDOW, EnclaveClient, ImageOutcome, Trust)
 from nitrolesion.transport import (
@@ -266,13 +266,13 @@ class Fleet:
     def _attest(self, member: Member, client: EnclaveClient, events: queue.Queue) -> bool:
         try:
             result = client.attest()  # its own connection, its own nonce, the same trust
-        except AttestationError as exc:
-            member.status, member.reason = "refused", printable(exc.diagnostic())
-            events.put(FleetEvent("refused", member))
-            return False
-        except NitroLesionError as exc:
+        except (TransportError, RemoteError) as exc:  # nothing or an ERROR answered
             member.status, member.reason = "unreachable", printable(exc.diagnostic())
             events.put(FleetEvent("unreachable", member))
+            return False
+        except NitroLesionError as exc:  # the document, its key or the handshake failed
+            member.status, member.reason = "refused", printable(exc.diagnostic())
+            events.put(FleetEvent("refused", member))
             return False
         member.attestation = result
         member.module_id = printable(result.module_id)
