@@ -178,6 +178,15 @@ class HalfCloseServer:
                 time.sleep(0.2)  # answer well after the client's half-close
                 conn.sendall(f"received {received}".encode())
 
+    def close(self) -> None:
+        """Stop listening for good. shutdown() first: a plain close() from this thread
+        leaves the socket listening while the serving thread still blocks in accept()."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
 
 def test_half_close_reaches_the_enclave_and_the_answer_still_comes_back():
     server = HalfCloseServer()
@@ -192,7 +201,7 @@ def test_half_close_reaches_the_enclave_and_the_answer_still_comes_back():
         assert answer == b"received 100000"
     finally:
         relay.stop()
-        server.listener.close()
+        server.close()
 
 
 def test_connection_cap_and_idle_timeout():
@@ -211,7 +220,7 @@ def test_connection_cap_and_idle_timeout():
         second.close()
     finally:
         relay.stop()
-        server.listener.close()
+        server.close()
 
 
 def test_total_timeout_ends_even_a_busy_connection():
@@ -235,7 +244,7 @@ def test_total_timeout_ends_even_a_busy_connection():
                        r"total timeout \(1 s\)")
     finally:
         relay.stop()
-        server.listener.close()
+        server.close()
 
 
 def test_readiness_follows_the_enclave():
@@ -245,7 +254,7 @@ def test_readiness_follows_the_enclave():
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=10) as answer:
             assert answer.status == 200
-        server.listener.close()  # the "enclave" goes away
+        server.close()  # the "enclave" goes away
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=10)
         assert refused.value.code == 503
