@@ -298,3 +298,12 @@ def test_no_attested_enclave_raises(tmp_path):
     batch = Fleet([TcpEndpoint(free_port())], Trust(AttestationPolicy.any_enclave()), timeout=5)
     with pytest.raises(TransportError, match="unreachable"):
         list(batch.classify(1, lambda i: b"x"))
+
+
+def test_a_bad_endpoint_is_a_usage_error_before_any_trust_is_needed(tmp_path):
+    env = dict(tcp_env(), NITROLESION_KEY_DIR=str(tmp_path / "no-keys"))  # no policy here
+    done = subprocess.run([PYTHON, str(PARENT_CLI), "classify", str(ROOT / "sample_images"),
+                           "--enclave", "vsock:16"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--enclave 'vsock:16': expected vsock:CID:PORT or tcp:HOST:PORT" in done.stderr
