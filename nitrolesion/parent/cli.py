@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_options(client)
     client.set_defaults(func=cmd_client)
 
-    classify = sub.add_parser("classify", help="classify images over one attested session and "
-                                               "print the results here")
+    classify = sub.add_parser("classify", help="classify images over an attested session (or "
+                                               "one per enclave with --enclave) and print the "
+                                               "results here")
     classify.add_argument("images", nargs="+", type=Path,
                           help="image files or folders (each must exist)")
     classify.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID,
