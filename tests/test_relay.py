@@ -8,6 +8,7 @@ in everything that crossed and in the relay's log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import select
@@ -188,10 +189,20 @@ class HalfCloseServer:
         self.listener.close()
 
 
-def test_half_close_reaches_the_enclave_and_the_answer_still_comes_back():
+@contextlib.contextmanager
+def relay_to_stand_in(*extra: str):
+    """A relay process (``extra`` options) in front of a HalfCloseServer: (relay, port, server)."""
     server = HalfCloseServer()
-    relay, port = start_relay(server.port)
+    relay, port = start_relay(server.port, *extra)
     try:
+        yield relay, port, server
+    finally:
+        relay.stop()
+        server.close()
+
+
+def test_half_close_reaches_the_enclave_and_the_answer_still_comes_back():
+    with relay_to_stand_in() as (_, port, _):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"x" * 100_000)
             sock.shutdown(socket.SHUT_WR)
@@ -199,15 +210,10 @@ def test_half_close_reaches_the_enclave_and_the_answer_still_comes_back():
             while data := sock.recv(100):
                 answer += data
         assert answer == b"received 100000"
-    finally:
-        relay.stop()
-        server.close()
 
 
 def test_connection_cap_and_idle_timeout():
-    server = HalfCloseServer()
-    relay, port = start_relay(server.port, "--max-connections", "1", "--idle-timeout", "1")
-    try:
+    with relay_to_stand_in("--max-connections", "1", "--idle-timeout", "1") as (relay, port, _):
         first = socket.create_connection(("127.0.0.1", port), timeout=10)
         time.sleep(0.3)  # let the relay take it
         second = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -218,15 +224,10 @@ def test_connection_cap_and_idle_timeout():
                        r"idle timeout \(1 s\)")
         first.close()
         second.close()
-    finally:
-        relay.stop()
-        server.close()
 
 
 def test_total_timeout_ends_even_a_busy_connection():
-    server = HalfCloseServer()
-    relay, port = start_relay(server.port, "--total-timeout", "1", "--idle-timeout", "30")
-    try:
+    with relay_to_stand_in("--total-timeout", "1", "--idle-timeout", "30") as (relay, port, _):
         ended = False
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             for _ in range(100):  # a byte every 0.1 s: never idle, for up to 10 s
@@ -242,16 +243,11 @@ def test_total_timeout_ends_even_a_busy_connection():
         assert ended
         relay.wait_for(r"connection 1: \d+ bytes to the enclave, 0 bytes back, [\d.]+ s, "
                        r"total timeout \(1 s\)")
-    finally:
-        relay.stop()
-        server.close()
 
 
 def test_readiness_follows_the_enclave():
-    server = HalfCloseServer()
     health = free_port()
-    relay, _ = start_relay(server.port, "--health", f"127.0.0.1:{health}")
-    try:
+    with relay_to_stand_in("--health", f"127.0.0.1:{health}") as (_, _, server):
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready", timeout=10) as answer:
             assert answer.status == 200
         server.close()  # the "enclave" goes away
@@ -260,8 +256,6 @@ def test_readiness_follows_the_enclave():
         assert refused.value.code == 503
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/live", timeout=10) as answer:
             assert answer.status == 200
-    finally:
-        relay.stop()
 
 
 def test_unreachable_enclave_closes_the_client_connection():
