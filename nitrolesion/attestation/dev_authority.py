@@ -266,7 +266,7 @@ class DevAttestationAuthority:
             state = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
             module_id = state["module_id"]
             pcr_variant = state.get("pcr_variant")
-        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise DevAuthorityError(f"state dir {state_dir}: expected a development authority, got {exc}") from exc
         for label, cert, key in (("root", root_cert, root_key), ("intermediate", intermediate_cert, intermediate_key)):
             if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
