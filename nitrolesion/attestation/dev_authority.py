@@ -17,12 +17,18 @@ PCRs:
   documented, not all-zero (so a dev document is not mistaken for a debug-mode one);
 - every other PCR (3..15, including PCR8, the signing certificate) is 48 zero bytes.
 
+DEVELOPMENT ONLY, for tests of refusal: an authority created with ``pcr_variant="..."``
+(kept in its state file, so an enclave started with ``--dev-attestation DIR`` on that
+folder picks it up) reports PCR0 and PCR2 mixed with that text, as if it ran another build
+of the image: a policy pinning the normal development PCRs refuses it. A real enclave's PCRs
+come from the NSM; nothing here can change them.
+
 State directory layout (the directory is made 0700, private keys 0600)::
 
     dev_root.pem               root certificate: give it to the verifier (--root) to trust it
     dev_root.key               root private key
     dev_intermediate.pem/.key  intermediate certificate / key
-    dev_authority.json         module_id
+    dev_authority.json         module_id (and pcr_variant, when set)
 
 The development root is never trusted by default: the verifier only accepts these
 documents when explicitly handed ``dev_root.pem``; the pinned AWS root is not touched.
@@ -65,6 +71,8 @@ DEV_PCR2_LABEL = b"nitrolesion development authority: PCR2 (application stand-in
 # Domain separation for PCR0, versioned so a format change cannot collide with an old value.
 PCR0_DOMAIN = b"nitrolesion-dev-pcr0-v1\x00"
 NUM_PCRS = 16  # the NSM reports PCR0..15 in every document
+# Domain separation for a development PCR variant ("another build"), see the module doc.
+PCR_VARIANT_DOMAIN = b"nitrolesion-dev-pcr-variant-v1\x00"
 
 ROOT_LIFETIME = timedelta(days=365)
 INTERMEDIATE_LIFETIME = timedelta(days=30)
@@ -142,12 +150,17 @@ def default_measurement_base(paths: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
 
 
-def dev_pcrs(pcr0: bytes) -> dict[int, bytes]:
-    """The development PCR map for a given PCR0 (see the module docstring)."""
+def dev_pcrs(pcr0: bytes, pcr_variant: str | None = None) -> dict[int, bytes]:
+    """The development PCR map for a given PCR0 (see the module docstring); with
+    ``pcr_variant`` (development only) PCR0 and PCR2 are those of "another build"."""
     pcrs = {i: bytes(PCR_LENGTH) for i in range(NUM_PCRS)}
     pcrs[0] = pcr0
     pcrs[1] = hashlib.sha384(DEV_PCR1_LABEL).digest()
     pcrs[2] = hashlib.sha384(DEV_PCR2_LABEL).digest()
+    if pcr_variant is not None:
+        tag = PCR_VARIANT_DOMAIN + pcr_variant.encode("utf-8") + b"\x00"
+        pcrs[0] = hashlib.sha384(tag + pcrs[0]).digest()
+        pcrs[2] = hashlib.sha384(tag + pcrs[2]).digest()
     return pcrs
 
 
@@ -188,18 +201,22 @@ class DevAttestationAuthority:
         *,
         base: Path | None = None,
         now: datetime | None = None,
+        pcr_variant: str | None = None,
     ) -> DevAttestationAuthority:
         """Generate a new development PKI in ``state_dir`` and measure ``measured_files``.
 
         ``base`` is what the measured names are relative to (default: the common parent of
-        the paths' parents, see :func:`default_measurement_base`).
+        the paths' parents, see :func:`default_measurement_base`). ``pcr_variant``
+        (DEVELOPMENT ONLY, refusal tests) makes this authority report the PCRs of "another
+        build" (see the module docstring); it is kept in the state file.
 
         Raises:
             DevAuthorityError: ``state_dir`` already holds an authority, or files are unreadable.
         """
         state_dir = Path(state_dir)
         now = _utc(now)
-        pcrs = dev_pcrs(measure_files(measured_files, base or default_measurement_base(measured_files)))
+        pcrs = dev_pcrs(measure_files(measured_files, base or default_measurement_base(measured_files)),
+                        pcr_variant)
         if (state_dir / ROOT_CERT_FILE).exists():
             raise DevAuthorityError(f"expected no authority in {state_dir}, got an existing {ROOT_CERT_FILE}; use load()")
         module_id = f"i-dev{secrets.token_hex(6)}-enc{secrets.token_hex(8)}"
@@ -218,7 +235,10 @@ class DevAttestationAuthority:
             _write(state_dir / ROOT_KEY_FILE, _key_pem(root_key), 0o600)
             _write(state_dir / INTERMEDIATE_CERT_FILE, _cert_pem(intermediate_cert), 0o644)
             _write(state_dir / INTERMEDIATE_KEY_FILE, _key_pem(intermediate_key), 0o600)
-            _write(state_dir / STATE_FILE, json.dumps({"module_id": module_id}).encode(), 0o600)
+            state = {"module_id": module_id}
+            if pcr_variant is not None:
+                state["pcr_variant"] = pcr_variant
+            _write(state_dir / STATE_FILE, json.dumps(state).encode(), 0o600)
         except OSError as exc:
             raise DevAuthorityError(f"state dir {state_dir}: expected to be writable, got {exc}") from exc
         return cls(
@@ -243,15 +263,20 @@ class DevAttestationAuthority:
             intermediate_key = serialization.load_pem_private_key(
                 (state_dir / INTERMEDIATE_KEY_FILE).read_bytes(), password=None
             )
-            module_id = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))["module_id"]
-        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            state = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+            module_id = state["module_id"]
+            pcr_variant = state.get("pcr_variant")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise DevAuthorityError(f"state dir {state_dir}: expected a development authority, got {exc}") from exc
         for label, cert, key in (("root", root_cert, root_key), ("intermediate", intermediate_cert, intermediate_key)):
             if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
                 raise DevAuthorityError(f"{label}: expected the key to match its certificate, got a different key")
         if not isinstance(module_id, str):
             raise DevAuthorityError(f"{STATE_FILE}: expected module_id string, got {type(module_id).__name__}")
-        pcrs = dev_pcrs(measure_files(measured_files, base or default_measurement_base(measured_files)))
+        if pcr_variant is not None and not isinstance(pcr_variant, str):
+            raise DevAuthorityError(f"{STATE_FILE}: expected pcr_variant string, got {type(pcr_variant).__name__}")
+        pcrs = dev_pcrs(measure_files(measured_files, base or default_measurement_base(measured_files)),
+                        pcr_variant)
         return cls(
             state_dir=state_dir, module_id=module_id, root_cert=root_cert, root_key=root_key,  # type: ignore[arg-type]
             intermediate_cert=intermediate_cert, intermediate_key=intermediate_key, pcrs=pcrs,  # type: ignore[arg-type]

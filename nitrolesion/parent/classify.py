@@ -27,6 +27,7 @@ from nitrolesion.crypto.envelope import fingerprint
 from nitrolesion.errors import ImageFileError, UsageError
 from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
 from nitrolesion.model.labels import CODES
+from nitrolesion.parent import fleet as fleets
 from nitrolesion.parent.enclave_client import EnclaveClient, ImageOutcome
 from nitrolesion.parent.images import expand_images, read_image_file
 from nitrolesion.parent.options import POLICY_FILE, key_dir_of, pcr_lines, transport_of
@@ -228,8 +229,10 @@ def write_results(path: Path, rows: list[dict], summary: dict, provenance: dict)
                     handle.write(line + "\n")
                 # Strings quoted: a '#' in a file name must not start a comment for readers
                 # that skip comments (pandas' comment='#' honours quotes only).
-                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS,
-                                        quoting=csv.QUOTE_NONNUMERIC)
+                # A fleet's rows also say which enclave classified them.
+                fleet_rows = any("enclave" in row for row in rows)
+                writer = csv.DictWriter(handle, quoting=csv.QUOTE_NONNUMERIC, fieldnames=CSV_COLUMNS
+                                        + (fleets.CSV_COLUMNS if fleet_rows else []))
                 writer.writeheader()
                 for row in rows:
                     flat = {"file": row["file"]}
@@ -239,6 +242,8 @@ def write_results(path: Path, rows: list[dict], summary: dict, provenance: dict)
                         flat.update(code=row["code"], label=row["label"],
                                     confidence=row["confidence"],
                                     **{f"p_{c}": row["probabilities"][c] for c in CODES})
+                    if fleet_rows:
+                        flat.update(fleets.csv_fields(row))
                     writer.writerow(flat)
         os.replace(tmp, path)
     except BaseException:
@@ -343,6 +348,25 @@ class _Batch:
                 f"marked {INTERRUPTED})")
 
 
+def run_fleet_batch(fleet: "fleets.Fleet", batch: _Batch, named: set, progress) -> None:
+    """The batch over a fleet of enclaves: each row also names the enclave (endpoint,
+    module id, PCRs) that classified it; attestations, refusals and failures are told on
+    stderr as they happen."""
+    paths = batch.paths
+    say = progress.write if progress is not None else (lambda line: print(line, file=sys.stderr))
+    for event in fleet.classify(len(paths), lambda i: read_or_error(paths[i], named=paths[i] in named)):
+        if event.outcome is None:
+            say(fleets.event_line(event))
+            batch.attestation = fleet.provenance(attestation_provenance)
+            continue
+        row = row_of(paths[event.outcome.index], event.outcome)
+        if event.member is not None:
+            row["enclave"] = event.member.row_tag()
+        batch.rows[event.outcome.index] = row
+        if progress is not None:
+            progress.update(1)
+
+
 def run_classify(args, make_trust) -> int:
     """``make_trust()`` is called once the arguments are known to be usable, so a typo is
     a usage error (exit 2) even where no policy is configured yet."""
@@ -359,27 +383,33 @@ def run_classify(args, make_trust) -> int:
         raise UsageError("--window must be at least 1")
     if args.out and (problem := check_output_path(args.out)):
         raise UsageError(problem)
+    enclaves = fleets.endpoints_of(args)  # --enclave/--enclaves-file; [] for --cid/--port
     trust = make_trust()
     batch = _Batch(args, paths, policy_provenance(args))
     endpoint = endpoint_for(transport_of(args), args.cid, args.port, args.host)
+    fleet = fleets.Fleet(enclaves, trust, timeout=args.timeout, window=args.window) if enclaves else None
     progress = None
     try:
-        with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:
-            result = client.attest()
-            batch.attestation = attestation_provenance(result)
-            print(f"Enclave attested: module {result.module_id}, key sha256 "
-                  f"{fingerprint(result.public_key)[:16]}...", file=sys.stderr)
-            for line in pcr_lines(result):
-                print(line, file=sys.stderr)
-            client.open_session()
-            sys.stderr.flush()  # our lines first, then the bar (same stream)
+        if fleet is not None:
             progress = open_progress(len(paths), sys.stderr, enabled=not args.no_progress)
-            named = set(args.images)
-            images = (read_or_error(p, named=p in named) for p in paths)
-            for outcome in client.classify_many(images, window=args.window):
-                batch.rows[outcome.index] = row_of(paths[outcome.index], outcome)
-                if progress is not None:
-                    progress.update(1)
+            run_fleet_batch(fleet, batch, set(args.images), progress)
+        else:
+            with EnclaveClient(endpoint, trust, timeout=args.timeout) as client:
+                result = client.attest()
+                batch.attestation = attestation_provenance(result)
+                print(f"Enclave attested: module {result.module_id}, key sha256 "
+                      f"{fingerprint(result.public_key)[:16]}...", file=sys.stderr)
+                for line in pcr_lines(result):
+                    print(line, file=sys.stderr)
+                client.open_session()
+                sys.stderr.flush()  # our lines first, then the bar (same stream)
+                progress = open_progress(len(paths), sys.stderr, enabled=not args.no_progress)
+                named = set(args.images)
+                images = (read_or_error(p, named=p in named) for p in paths)
+                for outcome in client.classify_many(images, window=args.window):
+                    batch.rows[outcome.index] = row_of(paths[outcome.index], outcome)
+                    if progress is not None:
+                        progress.update(1)
     except KeyboardInterrupt:
         with sigint_ignored():  # a second Ctrl-C must not lose the rows being saved
             close_progress(progress, keep=False)
@@ -387,9 +417,14 @@ def run_classify(args, make_trust) -> int:
     except BaseException:
         close_progress(progress, keep=False)  # main's error line gets a line of its own
         raise
+    finally:
+        if fleet is not None:
+            fleet.close()
     close_progress(progress, keep=True)
     rows = batch.rows
     summary = summary_of(rows, time.perf_counter() - batch.started)
+    if fleet is not None:
+        summary["fleet"] = fleet.report()
     if args.out:
         try:
             with sigint_ignored():  # the batch is done: Ctrl-C now must not lose it
@@ -408,4 +443,7 @@ def run_classify(args, make_trust) -> int:
         for row in rows:
             print(text_line(row))
     print_summary(summary, args.json)
+    if fleet is not None and not args.json:
+        for line in fleets.summary_lines(summary["fleet"]):
+            print(line, file=sys.stderr)
     return 0 if summary["failed"] == 0 else 1

@@ -4,6 +4,8 @@
     python parent/parent.py server 5006                 listen for the enclave's key and results
     python parent/parent.py client 16 5005 [--image P]  attest the enclave, send one sealed image
     python parent/parent.py classify IMAGE|DIR... [--out results.csv|.json] [--json]
+    python parent/parent.py classify IMAGE|DIR... --enclave vsock:16:5005 --enclave tcp:HOST:PORT
+    python parent/parent.py relay --listen 0.0.0.0:8443 --cid 16 --port 5005
     python parent/parent.py demo [--image P]            everything on this machine over TCP
     python parent/parent.py web [--port 8080]           the clinic's page: attests and encrypts in the browser
     python parent/parent.py verify-attestation FILE [--at ISO8601] [--policy F] ...
@@ -149,6 +151,44 @@ def cmd_web(args) -> int:
     return run_web(args)
 
 
+def cmd_relay(args) -> int:
+    """Relay TCP connections to the enclave, blind, until SIGTERM or Ctrl-C."""
+    import logging
+    import signal
+
+    from nitrolesion.parent.relay import Relay, RelayConfig, parse_host_port, serve_health
+    from nitrolesion.transport import TcpEndpoint
+
+    host, port = parse_host_port(args.listen)
+    config = RelayConfig(
+        listen=TcpEndpoint(port, host),
+        enclave=endpoint_for(transport_of(args), args.cid, args.port, args.host),
+        max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+        total_timeout=args.total_timeout, connect_timeout=args.connect_timeout)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s relay %(levelname)s %(message)s")
+    relay = Relay(config)
+    relay.bind()
+    health = None
+    if args.health:
+        health_host, health_port = parse_host_port(args.health, "--health")
+        health = serve_health(relay, TcpEndpoint(health_port, health_host))
+    # Kubernetes stops a pod with SIGTERM: accept nothing new, let connections finish.
+    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
+    bound = "{}:{}".format(*relay.address)
+    print(f"Relay ready: tcp:{bound} -> {config.enclave} (blind; at most "
+          f"{config.max_connections} connections)"
+          + (f"; health on http://{args.health}/ready" if health else ""), flush=True)
+    try:
+        relay.serve_forever()
+    except KeyboardInterrupt:
+        relay.stop()
+    finally:
+        if health is not None:
+            health.shutdown()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from nitrolesion.parent.demo import run_demo
 
@@ -207,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_options(client)
     client.set_defaults(func=cmd_client)
 
-    classify = sub.add_parser("classify", help="classify images over one attested session and "
-                                               "print the results here")
+    classify = sub.add_parser("classify", help="classify images over an attested session (or "
+                                               "one per enclave with --enclave) and print the "
+                                               "results here")
     classify.add_argument("images", nargs="+", type=Path,
                           help="image files or folders (each must exist)")
     classify.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID,
@@ -222,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
     classify.add_argument("--no-progress", action="store_true",
                           help="no progress bar (drawn only when stderr is a terminal)")
+    classify.add_argument("--enclave", action="append", default=[], metavar="ENDPOINT",
+                          help="spread the batch over a fleet: an enclave as vsock:CID:PORT or "
+                               "tcp:HOST:PORT (a relay), repeat for each; every one is attested "
+                               "on its own (own nonce, same policy); replaces --cid/--port")
+    classify.add_argument("--enclaves-file", type=Path, metavar="FILE",
+                          help="fleet endpoints, one per line (# comments), with any --enclave")
     add_transport_options(classify)
     add_trust_options(classify)
     classify.set_defaults(func=cmd_classify)
@@ -239,6 +286,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_transport_options(web)
     add_trust_options(web, timeout=False)
     web.set_defaults(func=cmd_web)
+    import nitrolesion.parent.relay as relay_limits
+
+    relay = sub.add_parser("relay", help="forward TCP connections to the enclave's port, blind "
+                                         "(what a Kubernetes Service points at)")
+    relay.add_argument("--listen", required=True, metavar="HOST:PORT",
+                       help="TCP address to accept clients on, e.g. 0.0.0.0:8443")
+    relay.add_argument("--cid", type=int, default=DEFAULT_ENCLAVE_CID,
+                       help="enclave CID to forward to (default %(default)s; with tcp: --host)")
+    relay.add_argument("--port", type=int, default=DEFAULT_ENCLAVE_PORT,
+                       help="enclave client port (default %(default)s)")
+    relay.add_argument("--max-connections", type=_positive(int),
+                       default=relay_limits.MAX_CONNECTIONS,
+                       help="connections relayed at once; more are closed at once "
+                            "(default %(default)s)")
+    relay.add_argument("--idle-timeout", type=_positive(float), default=relay_limits.IDLE_TIMEOUT,
+                       help="seconds a connection may carry nothing either way "
+                            "(default %(default)s)")
+    relay.add_argument("--total-timeout", type=_positive(float), default=relay_limits.TOTAL_TIMEOUT,
+                       help="seconds one connection may last (default %(default)s)")
+    relay.add_argument("--connect-timeout", type=_positive(float),
+                       default=relay_limits.CONNECT_TIMEOUT,
+                       help="seconds to reach the enclave for a new connection "
+                            "(default %(default)s)")
+    relay.add_argument("--health", metavar="HOST:PORT",
+                       help="serve GET /ready (200 when the enclave accepts connections) and "
+                            "GET /live over HTTP here, for Kubernetes probes")
+    add_transport_options(relay, key_dir=False)  # the relay holds no key: it sees ciphertext only
+    relay.set_defaults(func=cmd_relay)
 
     demo = sub.add_parser("demo", help="run enclave, server and client on this machine (TCP)")
     demo.add_argument("--image", type=Path, help="image to classify")
@@ -258,7 +333,7 @@ def check_addresses(args) -> None:
     an enclave's CID is at least 4, as nitro-cli run-enclave --enclave-cid requires.
     Raises UsageError.
     """
-    option = "--" if args.command == "classify" else ""  # classify takes them as options
+    option = "--" if args.command in ("classify", "relay") else ""  # options there
     if getattr(args, "cid", None) is not None:
         check_cid(args.cid, f"{option}cid" if option else "enclave CID", MIN_ENCLAVE_CID)
     if getattr(args, "port", None) is not None:

@@ -32,10 +32,12 @@ class NoPolicy(NitroLesionError):
     """No PCR policy is configured: refuse to trust any enclave (exit status 1)."""
 
 
-def add_transport_options(parser: argparse.ArgumentParser) -> None:
+def add_transport_options(parser: argparse.ArgumentParser, *, key_dir: bool = True) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS, default=None,
                         help="vsock (default) or tcp; also ENCLAVE_TRANSPORT")
     parser.add_argument("--host", default=DEFAULT_TCP_HOST, help="with tcp: address CIDs map to")
+    if not key_dir:
+        return
     parser.add_argument("--key-dir", type=Path, default=None,
                         help="parent key and state folder (default $NITROLESION_KEY_DIR or "
                              "~/.config/nitrolesion)")
