@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_transport_options(web)
     add_trust_options(web, timeout=False)
     web.set_defaults(func=cmd_web)
+
     import nitrolesion.parent.relay as relay_limits
 
     relay = sub.add_parser("relay", help="forward TCP connections to the enclave's port, blind "
