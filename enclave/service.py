@@ -231,9 +231,12 @@ class WorkerPool:
 
 
 def prediction_payload(prediction: Prediction) -> dict:
-    """The plaintext result sent back (sealed) to the client or the parent."""
+    """The plaintext result sent back (sealed) to the client or the parent: the fields of
+    nitrolesion.wire.messages.ResultPrediction, triage included."""
     return {"code": prediction.code, "name": prediction.name,
-            "confidence": prediction.confidence, "probabilities": prediction.probabilities}
+            "confidence": prediction.confidence, "probabilities": prediction.probabilities,
+            "malignant": prediction.malignant, "refer": prediction.refer,
+            "refer_reason": prediction.refer_reason}
 
 
 class ParentLink:

@@ -686,7 +686,7 @@ def session_answer(session: RawSession, wait: float, started: float) -> Outcome:
             MessageType.SESSION_RESULT, message.counter, message.ciphertext))
         if payload.error is not None:
             return Outcome(*payload.error, elapsed)
-        return Outcome("OK", payload.prediction["code"], elapsed)
+        return Outcome("OK", payload.prediction.code, elapsed)
     return Outcome(message.TYPE.name, "", elapsed)
 
 

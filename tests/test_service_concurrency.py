@@ -26,7 +26,8 @@ from nitrolesion.model.classifier import LesionModel, Prediction
 from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
-from nitrolesion.wire.messages import ErrorCode, ErrorMessage, Message, ResultPayload, decode_message
+from nitrolesion.wire.messages import (
+    ErrorCode, ErrorMessage, Message, ResultPayload, ResultPrediction, decode_message)
 from nitrolesion.parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
 from nitrolesion.parent.enclave_client import EnclaveClient
 
@@ -90,12 +91,14 @@ def lone_enclave(tmp_path: Path, *args: str) -> EnclaveStack:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def assert_same_prediction(result: dict, expected: Prediction) -> None:
-    assert result["code"] == expected.code
-    assert set(result["probabilities"]) == set(CODES)
+def assert_same_prediction(result: ResultPrediction, expected: Prediction) -> None:
+    assert result.code == expected.code
+    assert set(result.probabilities) == set(CODES)
     for code in CODES:
-        assert result["probabilities"][code] == pytest.approx(expected.probabilities[code],
-                                                              abs=TOLERANCE), code
+        assert result.probabilities[code] == pytest.approx(expected.probabilities[code],
+                                                           abs=TOLERANCE), code
+    assert result.malignant == pytest.approx(expected.malignant, abs=TOLERANCE)
+    assert (result.refer, result.refer_reason) == (expected.refer, expected.refer_reason)
 
 
 class RawSession:
