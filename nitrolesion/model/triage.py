@@ -52,7 +52,7 @@ def triage_path_for(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".triage.npz")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Assessment:
     """Triage of one image."""
 
@@ -63,7 +63,7 @@ class Assessment:
     refer_reason: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Triage:
     """Parameters fitted to one model (see the module docstring)."""
 
