@@ -27,8 +27,7 @@ from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
 from nitrolesion.wire.messages import (
-    ErrorCode, ErrorMessage, Message, ResultPayload, ResultPrediction, check_prediction,
-    decode_message)
+    ErrorCode, ErrorMessage, Message, ResultPayload, check_prediction, decode_message)
 from nitrolesion.parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
 from nitrolesion.parent.enclave_client import EnclaveClient
 
@@ -92,7 +91,7 @@ def lone_enclave(tmp_path: Path, *args: str) -> EnclaveStack:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def row_result(row: dict) -> ResultPrediction:
+def row_result(row: dict) -> Prediction:
     """A classify results row (JSON, or CSV strings) read back through the strict decoder."""
     probabilities = row.get("probabilities") or {c: float(row[f"p_{c}"]) for c in CODES}
     return check_prediction({
@@ -102,7 +101,7 @@ def row_result(row: dict) -> ResultPrediction:
         "refer_reason": row["refer_reason"] or None})
 
 
-def assert_same_prediction(result: ResultPrediction, expected: Prediction) -> None:
+def assert_same_prediction(result: Prediction, expected: Prediction) -> None:
     assert result.code == expected.code
     assert set(result.probabilities) == set(CODES)
     for code in CODES:

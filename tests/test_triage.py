@@ -22,7 +22,7 @@ from nitrolesion.model.metrics import triage_figures
 from nitrolesion.model.triage import (
     MALIGNANT_CODES, OOD_METHOD, Triage, load_triage, temperature_scaled, triage_path_for)
 from nitrolesion.wire.messages import (
-    PREDICTION_FIELDS, ResultPayload, ResultPrediction, check_prediction, triage_text)
+    PREDICTION_FIELDS, ResultPayload, Prediction, check_prediction, triage_text)
 
 SHIPPED_TRIAGE = triage_path_for(DEFAULT_MODEL_PATH)
 #: Model 7 as trained, before models/add_feature_output.py gave it output 1 (git history).
@@ -269,7 +269,7 @@ WIRE = {"code": "mel", "name": "Melanoma", "confidence": 0.6,
 
 def test_typed_prediction_decodes_sorts_and_round_trips():
     prediction = check_prediction(WIRE)
-    assert isinstance(prediction, ResultPrediction)
+    assert isinstance(prediction, Prediction)
     assert prediction.top(2) == [("mel", 0.6), ("nv", 0.3)]
     assert prediction.to_wire() == WIRE and tuple(WIRE) == PREDICTION_FIELDS
     payload = ResultPayload(4, prediction=WIRE)  # a map is decoded strictly on the way in

@@ -24,6 +24,7 @@ from nitrolesion.model.labels import DEFAULT_LABELS_PATH, MODELS_DIR, Label, loa
 from nitrolesion.model.preprocess import (
     DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, preprocess_image)
 from nitrolesion.model.triage import Triage, load_triage, triage_path_for
+from nitrolesion.wire.messages import Prediction, check_prediction
 
 DEFAULT_MODEL_PATH = MODELS_DIR / "lesion_classifier.tflite"
 
@@ -43,23 +44,6 @@ def interpreter_class():
                 "no TFLite runtime installed: pip install ai-edge-litert (or tflite-runtime)"
             ) from exc
     return Interpreter
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The model's answer for one image: calibrated probabilities and the triage."""
-
-    code: str
-    name: str
-    confidence: float
-    probabilities: dict[str, float]
-    malignant: float
-    refer: bool
-    refer_reason: str | None
-
-    def top(self, k: int = 3) -> list[tuple[str, float]]:
-        """The ``k`` most probable codes with their probabilities, best first."""
-        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
 
 
 @dataclass(frozen=True)
@@ -189,7 +173,9 @@ class Classifier:
 
     def prediction_from(self, output: ModelOutput) -> Prediction:
         """The prediction for one :meth:`predict_array` output: calibrated probabilities,
-        the malignancy score and the refer flag (nitrolesion/model/triage.py).
+        the malignancy score and the refer flag (nitrolesion/model/triage.py), as the
+        wire's :class:`~nitrolesion.wire.messages.Prediction`, built by the same strict
+        decoder the receiving side runs, so the enclave never seals one it would refuse.
 
         Raises :class:`ModelError` for a model loaded without triage."""
         if self.triage is None or output.features is None:
@@ -198,12 +184,12 @@ class Classifier:
         assessment = self.triage.assess(output.probabilities, output.features)
         probabilities = assessment.probabilities
         best = int(np.argmax(probabilities))
-        return Prediction(
-            code=self.labels[best].code,
-            name=self.labels[best].name,
-            confidence=float(probabilities[best]),
-            probabilities={label.code: float(p) for label, p in zip(self.labels, probabilities)},
-            malignant=assessment.malignant,
-            refer=assessment.refer,
-            refer_reason=assessment.refer_reason,
-        )
+        return check_prediction({
+            "code": self.labels[best].code,
+            "name": self.labels[best].name,
+            "confidence": float(probabilities[best]),
+            "probabilities": {label.code: float(p) for label, p in zip(self.labels, probabilities)},
+            "malignant": assessment.malignant,
+            "refer": assessment.refer,
+            "refer_reason": assessment.refer_reason,
+        })

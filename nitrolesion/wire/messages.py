@@ -437,12 +437,13 @@ def _check_flag(name: str, value) -> bool:
 
 
 @dataclass(frozen=True)
-class ResultPrediction:
-    """A prediction as the enclave sends it, inside a sealed result: the most probable
-    diagnosis (``code``, ``name``, ``confidence``), the calibrated ``probabilities`` by code,
-    ``malignant`` (p(mel) + p(bcc) + p(akiec)), ``refer`` and ``refer_reason`` (None when
-    not referred, else one of :data:`REFER_REASONS`). Built only by :func:`check_prediction`
-    (or :meth:`from_wire`), so every instance passed the strict checks."""
+class Prediction:
+    """The model's answer for one image, as the enclave's classifier makes it and every
+    receiver decodes it from a sealed result: the most probable diagnosis (``code``,
+    ``name``, ``confidence``), the calibrated ``probabilities`` by code, ``malignant``
+    (p(mel) + p(bcc) + p(akiec)), ``refer`` and ``refer_reason`` (None when not referred,
+    else one of :data:`REFER_REASONS`). Built by :func:`check_prediction` on both sides, so
+    every instance passed the same strict checks."""
 
     code: str
     name: str
@@ -451,11 +452,6 @@ class ResultPrediction:
     malignant: float
     refer: bool
     refer_reason: str | None
-
-    @classmethod
-    def from_wire(cls, value) -> "ResultPrediction":
-        """Same as :func:`check_prediction`."""
-        return check_prediction(value)
 
     def to_wire(self) -> dict:
         """The CBOR map sent on the wire (the fields in :data:`PREDICTION_FIELDS`)."""
@@ -479,8 +475,8 @@ def triage_text(malignant: float, refer: bool, refer_reason: str | None) -> str:
     return text + " REFER" if refer else text
 
 
-def check_prediction(value) -> ResultPrediction:
-    """Decode a prediction map (the fields of :class:`ResultPrediction`), every field's
+def check_prediction(value) -> Prediction:
+    """Decode a prediction map (the fields of :class:`Prediction`), every field's
     type, size and range checked, and ``refer_reason`` consistent with ``refer``. Raises
     ProtocolError."""
     if not isinstance(value, dict) or set(value) != set(PREDICTION_FIELDS):
@@ -494,7 +490,7 @@ def check_prediction(value) -> ResultPrediction:
         raise ProtocolError(f"field 'refer_reason': expected one of {REFER_REASONS} when refer is true")
     if not refer and reason is not None:
         raise ProtocolError("field 'refer_reason': expected null when refer is false")
-    return ResultPrediction(
+    return Prediction(
         code=_check_text("code", value["code"], 32),
         name=_check_text("name", value["name"], MAX_LABEL_TEXT),
         confidence=_check_probability("confidence", value["confidence"]),
@@ -529,18 +525,18 @@ class ImagePayload:
 @dataclass(frozen=True)
 class ResultPayload:
     """What a SESSION_RESULT carries, sealed: the answer to request ``request`` (its
-    counter), either a ``prediction`` (a :class:`ResultPrediction`; a map given here is
+    counter), either a ``prediction`` (a :class:`Prediction`; a map given here is
     decoded by :func:`check_prediction`, so the enclave cannot send a malformed one) or an
     ``error`` ``(code, message)``."""
 
     request: int
-    prediction: ResultPrediction | None = None
+    prediction: Prediction | None = None
     error: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if (self.prediction is None) == (self.error is None):
             raise ValueError("a result payload has exactly one of prediction and error")
-        if self.prediction is not None and not isinstance(self.prediction, ResultPrediction):
+        if self.prediction is not None and not isinstance(self.prediction, Prediction):
             object.__setattr__(self, "prediction", check_prediction(self.prediction))
 
     def encode(self) -> bytes:
