@@ -2,9 +2,9 @@
 
     python models/fit_triage.py [--model models/lesion_classifier.tflite]
 
-Needs numpy, Pillow and ai-edge-litert (the inference environment) plus matplotlib for the
-figures and scikit-image for its bundled photos (a fitting environment only: never the
-enclave's). Steps, each on the split the issue names:
+Needs the inference packages (requirements.txt) plus matplotlib for the figures and
+scikit-image for its bundled photos, all pinned in models/requirements-train.txt (a fitting
+environment only: never the enclave's). Steps, each on the split the issue names:
 
 1. run the model (the enclave's code path: preprocessing, then the interpreter) on the
    train, val and test splits of ``$HAM10000_DIR`` (default ../shared/ham10000) and on
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     sha256 = hashlib.sha256(model.model_bytes).hexdigest()
     data_dir = default_data_dir()
     started = time.perf_counter()
-    if args.cache and args.cache.is_file():
+    from_cache = bool(args.cache and args.cache.is_file())
+    if from_cache:
         with np.load(args.cache, allow_pickle=False) as cached:
             if str(cached["model_sha256"]) != sha256:
                 raise SystemExit(f"fit_triage: cache {args.cache} is for another model")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 is_malignant(val["y"]), args.sensitivity)
     means, precision, shrinkage = fit_class_gaussians(train["features"], train["y"], len(CODES))
     triage = Triage(sha256, temperature, refer_threshold, MALIGNANT_CODES, OOD_METHOD, 0.0,
-                    means, precision.astype(np.float32).astype(np.float64))
+                    means, precision.astype(np.float32))  # as shipped and loaded
     val_ood = triage.ood_scores(val["features"])
     ood_threshold = float(np.quantile(val_ood, args.ood_quantile))
     triage = Triage(sha256, temperature, refer_threshold, MALIGNANT_CODES, OOD_METHOD,
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": str(args.model), "model_sha256": sha256, "triage_file": str(out),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "inference_seconds": round(inference_seconds, 1),
+        # Seconds to run the model on every image, or to read its outputs from --cache.
+        "model_outputs": {"seconds": round(inference_seconds, 1), "from_cache": from_cache},
         "temperature": round(temperature, 4), "refer_threshold": round(refer_threshold, 6),
         "ood": {"method": OOD_METHOD, "threshold": round(ood_threshold, 3),
                 "quantile_of_val": args.ood_quantile, "ledoit_wolf_shrinkage": round(shrinkage, 4),
