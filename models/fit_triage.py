@@ -136,6 +136,15 @@ def split_outputs(classifier, data_dir: Path, split: str, by_id: dict) -> dict:
             "lesions": [by_id[i].lesion_id for i in names]}
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the project when inside it (a committed report names no
+    machine's folders)."""
+    try:
+        return Path(path).resolve().relative_to(MODELS_DIR.parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def rounded(figures: dict, digits: int = 4) -> dict:
     return {k: round(float(v), digits) for k, v in figures.items()}
 
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return calibrated, malignant, ood, not_lesion, refer
 
     report = {
-        "model": str(args.model), "model_sha256": sha256, "triage_file": str(out),
+        "model": shown(args.model), "model_sha256": sha256, "triage_file": shown(out),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         # Seconds to run the model on every image, or to read its outputs from --cache.
         "model_outputs": {"seconds": round(inference_seconds, 1), "from_cache": from_cache},
