@@ -306,3 +306,23 @@ def test_strict_decoder_refuses_a_missing_or_extra_field(field):
         check_prediction(missing)
     with pytest.raises(ProtocolError, match="expected fields"):
         check_prediction(dict(WIRE, extra=1))
+
+
+def test_predictions_file_carries_the_triage_columns(tmp_path):
+    """evaluate.py --predictions: malignant and refer after the probabilities, read back
+    by compare.py's reader; a file without them still reads (older files)."""
+    from nitrolesion.model.predictions import Predictions, read_predictions, write_predictions
+
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8]])
+    path = tmp_path / "p.csv"
+    write_predictions(path, Predictions(["A", "B"], ["mel", "nv"], probabilities,
+                                        np.array([0.7, 0.2]), np.array([True, False])))
+    assert path.read_text().splitlines()[0] == "image_id,predicted,p_mel,p_nv,malignant,refer"
+    back = read_predictions(path)
+    assert back.codes == ["mel", "nv"] and np.allclose(back.probabilities, probabilities)
+    assert np.allclose(back.malignant, [0.7, 0.2]) and back.refer.tolist() == [True, False]
+    path.write_text(path.read_text().replace(",true", ",yes"))
+    with pytest.raises(ValueError, match=r"p.csv:2: refer must be true or false"):
+        read_predictions(path)
+    write_predictions(path, Predictions(["A"], ["mel", "nv"], probabilities[:1]))
+    assert read_predictions(path).malignant is None
