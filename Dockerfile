@@ -18,8 +18,8 @@ COPY nitrolesion/__init__.py nitrolesion/environment.py nitrolesion/errors.py ni
 COPY nitrolesion/attestation/__init__.py nitrolesion/attestation/errors.py nitrolesion/attestation/nsm.py nitrolesion/attestation/provider.py /app/nitrolesion/attestation/
 COPY nitrolesion/crypto/__init__.py nitrolesion/crypto/envelope.py nitrolesion/crypto/keywrap.py nitrolesion/crypto/result_signature.py nitrolesion/crypto/session.py /app/nitrolesion/crypto/
 COPY nitrolesion/enclave/__init__.py nitrolesion/enclave/app.py /app/nitrolesion/enclave/
-COPY nitrolesion/model/__init__.py nitrolesion/model/classifier.py nitrolesion/model/labels.py nitrolesion/model/preprocess.py /app/nitrolesion/model/
+COPY nitrolesion/model/__init__.py nitrolesion/model/classifier.py nitrolesion/model/labels.py nitrolesion/model/preprocess.py nitrolesion/model/triage.py /app/nitrolesion/model/
 COPY nitrolesion/wire/__init__.py nitrolesion/wire/frames.py nitrolesion/wire/messages.py /app/nitrolesion/wire/
-COPY models/lesion_classifier.tflite models/labels.json /app/models/
+COPY models/lesion_classifier.tflite models/labels.json models/lesion_classifier.triage.npz /app/models/
 
 CMD ["python", "-u", "enclave/app.py", "3", "5005", "5006"]

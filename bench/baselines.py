@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from bench.machine import OtherCpu
-from nitrolesion.model.classifier import LesionModel, Prediction, normalised, usable_cpus
+from nitrolesion.model.classifier import LesionModel, ModelOutput, Prediction, normalised, usable_cpus
 from nitrolesion.model.preprocess import preprocess_image
 
 #: Images classified by each configuration before timing starts: the first invocations
@@ -179,7 +179,8 @@ def batched(model: LesionModel, threads: int, batch: int) -> Callable:
     interpreter.resize_tensor_input(inp["index"], [batch, model.input_size, model.input_size, 3])
     interpreter.allocate_tensors()
     output_index = interpreter.get_output_details()[0]["index"]
-    labeller = model.new_classifier()  # only for prediction_from (labels)
+    features_index = interpreter.get_output_details()[1]["index"]
+    labeller = model.new_classifier()  # only for prediction_from (labels, triage)
 
     def classify_all(images):
         predictions, latencies = [], []
@@ -193,7 +194,11 @@ def batched(model: LesionModel, threads: int, batch: int) -> Callable:
             interpreter.set_tensor(inp["index"], block)
             interpreter.invoke()
             output = interpreter.get_tensor(output_index)
-            predictions += [labeller.prediction_from(normalised(output[row])) for row in range(len(chunk))]
+            # The graph stacks the four mirror views view-major: rows v * batch + image.
+            features = interpreter.get_tensor(features_index).reshape(4, batch, -1)
+            predictions += [labeller.prediction_from(ModelOutput(normalised(output[row]),
+                                                                 features[:, row]))
+                            for row in range(len(chunk))]
             latencies += [(time.perf_counter() - begin) * 1000] * len(chunk)
         return predictions, latencies
     return classify_all

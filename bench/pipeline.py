@@ -262,8 +262,8 @@ def mismatches(outcomes: dict, predictions: list) -> int:
     wrong = 0
     for index, expected in enumerate(predictions):
         outcome = outcomes.get(index)
-        if outcome is None or outcome.result is None or outcome.result["code"] != expected.code or any(
-                abs(outcome.result["probabilities"][c] - expected.probabilities[c]) > TOLERANCE
+        if outcome is None or outcome.result is None or outcome.result.code != expected.code or any(
+                abs(outcome.result.probabilities[c] - expected.probabilities[c]) > TOLERANCE
                 for c in CODES):
             wrong += 1
     return wrong

@@ -163,9 +163,9 @@ def client_loop(index: int, stack: EnclaveStack, trust, images: list[bytes],
             time.sleep(0.1)  # do not spin if the enclave is down
 
 
-def matches(result: dict, want: dict) -> bool:
-    return result["code"] == want["code"] and all(
-        abs(result["probabilities"][k] - v) <= TOLERANCE for k, v in want["probabilities"].items())
+def matches(result, want: dict) -> bool:
+    return result.code == want["code"] and all(
+        abs(result.probabilities[k] - v) <= TOLERANCE for k, v in want["probabilities"].items())
 
 
 def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = 2, image_count: int = 24,

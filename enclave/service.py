@@ -231,9 +231,9 @@ class WorkerPool:
 
 
 def prediction_payload(prediction: Prediction) -> dict:
-    """The plaintext result sent back (sealed) to the client or the parent."""
-    return {"code": prediction.code, "name": prediction.name,
-            "confidence": prediction.confidence, "probabilities": prediction.probabilities}
+    """The plaintext result sent back (sealed) to the client or the parent: the
+    prediction's wire map, triage included."""
+    return prediction.to_wire()
 
 
 class ParentLink:

@@ -8,8 +8,12 @@ The images go through exactly the enclave's code path (``Classifier.classify`` o
 bytes: shared preprocessing, then the interpreter). A JSON summary goes to stdout: accuracy,
 balanced accuracy, macro one-vs-rest ROC-AUC, top-3 accuracy, per-class precision/recall,
 the confusion matrix, calibration (expected calibration error and a reliability table of
-the top probability), and 95 % confidence intervals for the headline figures and per-class
-recalls (a bootstrap over lesions within each diagnosis; ``--bootstrap 0`` skips it).
+the top probability), the triage (the refer flag as a malignant-vs-benign screen: refer
+sensitivity and specificity, melanoma sensitivity at the refer threshold, the malignant
+score's ROC-AUC, the share flagged "not a lesion"), and 95 % confidence intervals for the
+headline and triage figures and per-class recalls (a bootstrap over lesions within each
+diagnosis; ``--bootstrap 0`` skips it). The probabilities are the calibrated ones the
+enclave returns (the model's triage file beside it).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from nitrolesion.model.dataset import (
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH
 from nitrolesion.model.metrics import (
     CONFIDENCE_LEVEL, calibration, headline_figures, lesion_bootstrap, summarize,
-    zero_width_note)
+    triage_figures, zero_width_note)
 from nitrolesion.model.predictions import Predictions, write_predictions
 
 
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS_PATH)
     parser.add_argument("--predictions", type=Path,
-                        help="write one CSV row per image: image_id, predicted code, 7 probabilities")
+                        help="write one CSV row per image: image_id, predicted code, "
+                             "7 probabilities, malignant, refer")
     parser.add_argument("--upscale", type=int, default=1,
                         help="enlarge each image N times (bicubic, JPEG q95) before classifying, "
                              "to check full-resolution inputs")
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     y_true, probs, lesions, image_ids, failed = [], [], [], [], []
+    malignant, refer, not_a_lesion = [], [], []
     for record in present:
         data = image_path(images_dir, record.image_id).read_bytes()
         try:
@@ -166,16 +172,28 @@ def main(argv: list[str] | None = None) -> int:
         lesions.append(record.lesion_id)
         image_ids.append(record.image_id)
         probs.append([prediction.probabilities[c] for c in codes])
+        malignant.append(prediction.malignant)
+        refer.append(prediction.refer)
+        not_a_lesion.append(prediction.refer_reason == "not_a_lesion")
     elapsed = time.perf_counter() - started
     if not probs:
         print("evaluate: no image could be classified", file=sys.stderr)
         return 1
 
     y_true, probs = np.array(y_true), np.array(probs)
+    malignant, refer = np.array(malignant), np.array(refer, dtype=bool)
     summary = summarize(y_true, probs, codes)
     summary["calibration"] = calibration(y_true, probs)
+    summary["triage"] = {
+        "refer_threshold": model.triage.refer_threshold,
+        "temperature": model.triage.temperature,
+        **triage_figures(y_true, malignant, refer, codes),
+        "not_a_lesion_flagged": float(np.mean(not_a_lesion)),
+    }
     if args.bootstrap:
-        intervals = lesion_bootstrap(lambda at: headline_figures(y_true[at], probs[at], codes),
+        intervals = lesion_bootstrap(lambda at: {**headline_figures(y_true[at], probs[at], codes),
+                                                 **triage_figures(y_true[at], malignant[at],
+                                                                  refer[at], codes)},
                                      y_true, lesions, args.bootstrap, args.bootstrap_seed,
                                      CONFIDENCE_LEVEL)
         summary["confidence_intervals"] = {
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
     }
     if args.predictions:
-        write_predictions(args.predictions, Predictions(image_ids, codes, probs))
+        write_predictions(args.predictions, Predictions(image_ids, codes, probs, malignant, refer))
     if args.confusion_png:
         render_confusion_png(summary["confusion_matrix"]["rows_true_cols_predicted"], codes,
                              args.confusion_png,

@@ -2,7 +2,7 @@
 
 Only what the enclave runs: the entry script, the enclave application and service, the
 protocol with its wire and crypto modules, the NSM client, the preprocessing and classifier,
-the model and its labels. Nothing the parent, the verifier or the training uses (CLI,
+the model with its labels and triage file. Nothing the parent, the verifier or the training uses (CLI,
 keystore, policy, verifier, metrics, dataset split, prediction files), so editing them
 leaves PCR0 and every user's policy unchanged.
 
@@ -45,11 +45,13 @@ IMAGE_PATHS = (
     "nitrolesion/model/classifier.py",
     "nitrolesion/model/labels.py",
     "nitrolesion/model/preprocess.py",
+    "nitrolesion/model/triage.py",
     "nitrolesion/wire/__init__.py",
     "nitrolesion/wire/frames.py",
     "nitrolesion/wire/messages.py",
     "models/lesion_classifier.tflite",
     "models/labels.json",
+    "models/lesion_classifier.triage.npz",
 )
 
 #: What ``--dev-attestation`` needs beyond the image: the development authority (with its

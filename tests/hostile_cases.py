@@ -270,10 +270,10 @@ class HostileContext:
                                           "probabilities": prediction.probabilities}
             return self._expected[digest]
 
-    def matches(self, image: bytes, result: dict) -> bool:
+    def matches(self, image: bytes, result) -> bool:
         expected = self.expected(image)
-        return result["code"] == expected["code"] and all(
-            abs(result["probabilities"][k] - v) <= PROBABILITY_TOLERANCE
+        return result.code == expected["code"] and all(
+            abs(result.probabilities[k] - v) <= PROBABILITY_TOLERANCE
             for k, v in expected["probabilities"].items())
 
     # normal traffic
@@ -317,7 +317,7 @@ class HostileContext:
                     return Outcome(outcome.error[0], outcome.error[1])
                 if not self.matches(self.reference, outcome.result):
                     return Outcome("WRONG_RESULT", str(outcome.result))
-                return Outcome("OK", outcome.result["code"], time.monotonic() - started)
+                return Outcome("OK", outcome.result.code, time.monotonic() - started)
             return self._announce_again(started)
         except NitroLesionError as exc:
             return Outcome(type(exc).__name__, str(exc), time.monotonic() - started)
@@ -686,7 +686,7 @@ def session_answer(session: RawSession, wait: float, started: float) -> Outcome:
             MessageType.SESSION_RESULT, message.counter, message.ciphertext))
         if payload.error is not None:
             return Outcome(*payload.error, elapsed)
-        return Outcome("OK", payload.prediction["code"], elapsed)
+        return Outcome("OK", payload.prediction.code, elapsed)
     return Outcome(message.TYPE.name, "", elapsed)
 
 
@@ -815,9 +815,9 @@ def image_case(make: Callable[[], bytes]):
         if hostile.error is not None:
             return Outcome(hostile.error[0], hostile.error[1], elapsed)
         if not ctx.matches(image, hostile.result):
-            return Outcome("WRONG_RESULT", f"enclave {hostile.result['code']}, "
+            return Outcome("WRONG_RESULT", f"enclave {hostile.result.code}, "
                                            f"in-process {ctx.expected(image)['code']}")
-        return Outcome("OK", f"classified as {hostile.result['code']}, same as in-process", elapsed)
+        return Outcome("OK", f"classified as {hostile.result.code}, same as in-process", elapsed)
     return action
 
 

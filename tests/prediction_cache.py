@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from nitrolesion.model.triage import triage_path_for
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Gitignored (.gitignore lists .pytest_cache/) and outside everything the image copies.
 CACHE_DIR = ROOT / ".pytest_cache" / "nitrolesion"
@@ -125,6 +127,9 @@ def cache_key(model_path: Path, labels_path: Path, images: Sequence[tuple[str, P
 
     add("model", Path(model_path).read_bytes())
     add("labels", Path(labels_path).read_bytes())
+    # The triage file calibrates the probabilities the classifier returns.
+    triage = triage_path_for(Path(model_path))
+    add("triage", triage.read_bytes() if triage.is_file() else b"absent")
     for path in prediction_sources():
         add(f"source {path.relative_to(ROOT).as_posix()}", path.read_bytes())
     for image_id, path in images:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from harness import PARENT_CLI, PYTHON, ROOT, EnclaveStack, free_port, tcp_env, write_dev_policy
 import nitrolesion
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
 from nitrolesion.parent import classify
 from nitrolesion.parent.classify import (
     CSV_COLUMNS, INTERRUPTED, NOTICE, close_progress, open_progress, read_results_csv,
@@ -300,7 +300,7 @@ def test_progress_bar_on_a_terminal_starts_after_attestation_and_never_brackets_
     lines = our_lines(terminal)
     assert lines[:4] == attestation_lines(lines)
     assert lines[4] == f"wrote 12 rows to {out}"
-    assert lines[5].startswith("summary: 12 images, 12 classified, 0 failed, ")
+    assert re.match(r"summary: 12 images, 12 classified, \d+ referred, 0 failed, ", lines[5]), lines[5]
     assert len(lines) == 6
     tail = terminal[terminal.index("wrote 12 rows"):]
     assert not BAR.search(tail) and "\r" not in tail  # no bar drawn after our lines
@@ -382,6 +382,8 @@ def test_results_files_carry_their_provenance(slow_stack, tmp_path, suffix, poli
         assert provenance["pcrs_checked"] == "true" and provenance["enclave_debug_mode"] == "false"
         assert json.loads(provenance["summary"])["classified"] == 7
         assert len(rows) == 7 and all(row["error"] == "" for row in rows)
+        triage = {Path(r["file"]).name: (float(r["malignant"]), r["refer"], r["refer_reason"])
+                  for r in rows}
     else:
         document = json.loads(out.read_text(encoding="utf-8"))
         provenance = document["provenance"]
@@ -389,6 +391,19 @@ def test_results_files_carry_their_provenance(slow_stack, tmp_path, suffix, poli
         assert document["summary"]["complete"] is True
         assert provenance["pcrs_checked"] is True and provenance["enclave_debug_mode"] is False
         assert len(document["results"]) == 7
+        triage = {Path(r["file"]).name: (r["malignant"], "true" if r["refer"] else "false",
+                                         r["refer_reason"] or "")
+                  for r in document["results"]}
+    # The enclave's triage of every image reaches the file (sample images both referred,
+    # e.g. the melanoma, and not, e.g. the naevus).
+    reference = LesionModel().new_classifier()
+    for path in sorted((ROOT / "sample_images").glob("*.jpg")):
+        expected = reference.classify(path.read_bytes())
+        malignant, refer, reason = triage[path.name]
+        assert malignant == pytest.approx(expected.malignant, abs=1e-5), path.name
+        assert (refer, reason) == ("true" if expected.refer else "false",
+                                   expected.refer_reason or ""), path.name
+    assert {refer for _, refer, _ in triage.values()} == {"true", "false"}
     assert provenance["notice"] == NOTICE == "research demonstrator, not a medical device"
     assert provenance["tool_version"] == nitrolesion.__version__
     for key in ("started_utc", "finished_utc", "enclave_attested_utc"):
@@ -435,7 +450,8 @@ def test_summary_is_a_line_for_people_and_json_with_json(slow_stack, tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 1, run.stderr
     last = run.stderr.splitlines()[-1]
-    assert re.fullmatch(r"summary: 5 images, 3 classified, 2 failed \(BAD_IMAGE 1, TOO_LARGE 1\), "
+    assert re.fullmatch(r"summary: 5 images, 3 classified, [0-3] referred, 2 failed "
+                        r"\(BAD_IMAGE 1, TOO_LARGE 1\), "
                         r"\d+\.\d s, \d+(\.\d+)? images/s", last), last
     run = subprocess.run([PYTHON, *base, "--json"], env=slow_stack.env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -447,15 +463,17 @@ def test_summary_is_a_line_for_people_and_json_with_json(slow_stack, tmp_path):
     assert summary["failed_by_reason"] == {"BAD_IMAGE": 1, "TOO_LARGE": 1}
     assert summary["complete"] is True and summary["interrupted"] == 0
     assert summary["images_per_second"] > 0
+    assert 0 <= summary["referred"] <= 3
 
 
 def test_summary_line_says_what_an_interrupt_left_undone():
     done = [{"file": "a", "code": "nv", "label": "Nevus", "confidence": 0.9,
-             "probabilities": {}, "top3": []},
+             "probabilities": {}, "top3": [], "malignant": 0.6, "refer": True,
+             "refer_reason": "malignant"},
             {"file": "b", "error": {"code": "UNREADABLE", "message": "gone"}}]
     summary = summary_of(done, 2.0, total=10)
     assert (summary["complete"], summary["interrupted"], summary["images_per_second"]) == (
         False, 8, 1.0)
-    assert summary_text(summary) == ("summary: 10 images, 1 classified, 1 failed "
+    assert summary_text(summary) == ("summary: 10 images, 1 classified, 1 referred, 1 failed "
                                      "(UNREADABLE 1), 8 not done (interrupted), 2.0 s, "
                                      "1 images/s")

@@ -29,7 +29,8 @@ CODES = ("nv", "mel", "bkl")
 def prediction_for(image: bytes) -> dict:
     code = CODES[image[0] % len(CODES)]
     return {"code": code, "name": code.upper(), "confidence": 0.8,
-            "probabilities": {c: (0.8 if c == code else 0.1) for c in CODES}}
+            "probabilities": {c: (0.8 if c == code else 0.1) for c in CODES},
+            "malignant": 0.1, "refer": False, "refer_reason": None}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_client_attests_opens_a_session_and_classifies_in_memory(enclave):
         outcomes = sorted(client.classify_many(images, window=3), key=lambda o: o.index)
     assert [o.index for o in outcomes] == list(range(8))
     for outcome, image in zip(outcomes[:7], images[:7]):
-        assert outcome.error is None and outcome.result["code"] == prediction_for(image)["code"]
+        assert outcome.error is None and outcome.result.code == prediction_for(image)["code"]
     assert outcomes[7].error[0] == "BAD_IMAGE"
 
 

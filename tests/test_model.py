@@ -66,7 +66,9 @@ def test_classify_is_preprocess_then_interpreter(classifier, test_image_paths):
     data = test_image_paths[0].read_bytes()
     direct = classifier.predict_array(preprocess_image(data, classifier.input_size))
     via_bytes = classifier.classify(data)
-    assert np.allclose(direct, [via_bytes.probabilities[c] for c in CODES], atol=1e-9)
+    # classify's probabilities are the interpreter's, temperature-scaled by the triage file.
+    calibrated = classifier.triage.calibrate(direct.probabilities[np.newaxis])[0]
+    assert np.allclose(calibrated, [via_bytes.probabilities[c] for c in CODES], atol=1e-9)
     # The two halves the enclave's workers and inference thread run separately.
     assert np.array_equal(classifier.preprocess(data), preprocess_image(data, classifier.input_size))
     assert classifier.prediction_from(classifier.predict_array(classifier.preprocess(data))) == via_bytes
@@ -78,8 +80,9 @@ def test_interpreter_threads_do_not_change_the_answer(classifier, test_image_pat
     several = LesionModel().new_classifier(num_threads=max(2, usable_cpus()))
     for path in test_image_paths:
         pixels = preprocess_image(path.read_bytes(), classifier.input_size)
-        assert np.allclose(several.predict_array(pixels), classifier.predict_array(pixels),
-                           rtol=0, atol=1e-6)
+        many, one = several.predict_array(pixels), classifier.predict_array(pixels)
+        assert np.allclose(many.probabilities, one.probabilities, rtol=0, atol=1e-6)
+        assert np.allclose(many.features, one.features, rtol=0, atol=1e-4)
 
 
 def test_output_normalisation():
@@ -97,11 +100,11 @@ def test_shipped_model_averages_mirror_images(classifier, test_image_paths):
     turned_gap = 0.0
     for path in test_image_paths:
         pixels = preprocess_image(path.read_bytes(), classifier.input_size)
-        answer = classifier.predict_array(pixels)
+        answer = classifier.predict_array(pixels).probabilities
         for mirrored in (pixels[:, ::-1], pixels[::-1, :], pixels[::-1, ::-1]):
-            assert np.allclose(classifier.predict_array(np.ascontiguousarray(mirrored)), answer,
-                               rtol=0, atol=1e-6)
-        turned = classifier.predict_array(np.ascontiguousarray(np.rot90(pixels)))
+            assert np.allclose(classifier.predict_array(np.ascontiguousarray(mirrored)).probabilities,
+                               answer, rtol=0, atol=1e-6)
+        turned = classifier.predict_array(np.ascontiguousarray(np.rot90(pixels))).probabilities
         turned_gap = max(turned_gap, float(np.abs(turned - answer).max()))
     # A quarter turn is not among the averaged views, so it does change the answer: the
     # invariance above comes from the averaging, not from a network that ignores its input.
@@ -198,10 +201,25 @@ def test_evaluate_cli_prints_summary_and_writes_predictions(tmp_path, ham_dir):
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 60
-    assert list(rows[0]) == ["image_id", "predicted"] + [f"p_{c}" for c in CODES]
+    assert list(rows[0]) == (["image_id", "predicted"] + [f"p_{c}" for c in CODES]
+                             + ["malignant", "refer"])
     truth = {r.image_id: r.dx for r in read_metadata(ham_dir / "HAM10000_metadata.csv")}
     correct = sum(truth[r["image_id"]] == r["predicted"] for r in rows)
     assert correct / 60 == pytest.approx(summary["accuracy"])
+    # The triage columns: malignant is the sum of the three malignant probabilities (to
+    # the file's 6 decimals), refer is the runtime's flag, and the summary scores it.
+    triage = summary["triage"]
+    for row in rows:
+        assert float(row["malignant"]) == pytest.approx(
+            sum(float(row[f"p_{c}"]) for c in ("akiec", "bcc", "mel")), abs=3e-6)
+        if float(row["malignant"]) >= triage["refer_threshold"] + 1e-6:
+            assert row["refer"] == "true"
+    # (The first 60 listed are all bkl: benign, so only the specificity is defined.)
+    benign_rows = [r for r in rows if truth[r["image_id"]] not in ("akiec", "bcc", "mel")]
+    assert triage["refer_specificity"] == pytest.approx(
+        sum(r["refer"] == "false" for r in benign_rows) / len(benign_rows))
+    assert intervals["refer_specificity"][0] <= triage["refer_specificity"] \
+        <= intervals["refer_specificity"][1]
     matrix = summary["confusion_matrix"]["rows_true_cols_predicted"]
     assert sum(map(sum, matrix)) == 60
 

@@ -31,7 +31,8 @@ from nitrolesion.parent.enclave_client import Trust
 from nitrolesion.parent.server import ANNOUNCE_FILE, RESULT_WINDOW, ParentServer, load_announcement
 
 PREDICTION = {"code": "mel", "name": "Melanoma", "confidence": 0.9,
-              "probabilities": {"mel": 0.9, "nv": 0.1}}
+              "probabilities": {"mel": 0.9, "nv": 0.1}, "malignant": 0.9, "refer": True,
+              "refer_reason": "malignant"}
 
 
 class Clock:
@@ -117,7 +118,8 @@ def test_attested_announcement_is_stored_and_a_signed_result_printed_once(world)
         seen = events_until_quiet(world)
     kinds = [event.kind for event in seen]
     assert kinds == ["key", "result", "refused"], [e.text for e in seen]
-    assert seen[1].text == "Classification received: Melanoma (0.90)"
+    assert seen[1].text == "Classification received: Melanoma (0.90), malignant 0.90 REFER"
+    assert seen[1].data["prediction"].refer_reason == "malignant"
     assert "already received (a replay)" in seen[2].text
     assert load_announcement(world["state"]).public_key == public_key_der(world["enclave"])
 
@@ -202,4 +204,27 @@ def test_result_text_is_made_printable(world):
         announce(world, link)
         link.send(result.TYPE, result.to_body())
         seen = events_until_quiet(world, 0.5)
-    assert seen[-1].text == "Classification received: Benign?[2K?Classification received: Melanoma (0.90)"
+    assert seen[-1].text == ("Classification received: Benign?[2K?Classification received: "
+                             "Melanoma (0.90), malignant 0.90 REFER")
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"refer": 1}, "expected true or false"),
+    ({"refer": False}, "expected null when refer is false"),
+    ({"refer_reason": "maybe"}, "refer_reason"),
+    ({"malignant": 1.5}, "'malignant': expected a probability"),
+    ({"malignant": "0.9"}, "'malignant': expected a probability"),
+])
+def test_a_signed_result_with_a_malformed_triage_is_not_printed(world, change, line):
+    """Signed by the genuine enclave key, yet the strict decoder refuses it: the server
+    says so and prints no classification."""
+    session = EnclaveSession(world["enclave"], public_key_der(world["enclave"]))
+    event = OneShotReceived(bytes(16), b"", world["parent_public"])
+    result = session.one_shot_result(event, cbor2.dumps(dict(PREDICTION, **change)),
+                                     int(world["clock"].now * 1000))
+    with connection(world) as link:
+        announce(world, link)
+        link.send(result.TYPE, result.to_body())
+        seen = events_until_quiet(world, 0.5)
+    assert [e.kind for e in seen] == ["key", "error"], [e.text for e in seen]
+    assert "could not be decrypted or decoded" in seen[1].text and line in seen[1].text

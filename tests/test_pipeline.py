@@ -50,9 +50,12 @@ def test_three_commands_classify_a_real_image(stack, test_image_paths, reference
                            *trust_args(stack))
     assert run.returncode == 0, run.stderr
     assert "Image encrypted and sent" in run.stdout
-    match = stack.server.wait_for(r"Classification received: (.+) \((\d\.\d\d)\)", start=mark)
+    match = stack.server.wait_for(
+        r"Classification received: (.+) \((\d\.\d\d)\), malignant (\d\.\d\d)( REFER)?$", start=mark)
     assert match.group(1) == expected.name
     assert float(match.group(2)) == pytest.approx(expected.confidence, abs=0.006)
+    assert float(match.group(3)) == pytest.approx(expected.malignant, abs=0.006)
+    assert bool(match.group(4)) == expected.refer
     # The enclave keeps serving after one image (unlike the old demo): a second one works.
     second = test_image_paths[2]
     lines_before = len(stack.server.lines)
@@ -86,7 +89,28 @@ def test_classify_json_matches_in_process_model(stack, test_image_paths, referen
     for code in CODES:
         assert row["probabilities"][code] == pytest.approx(expected.probabilities[code], abs=1e-5)
     assert [c for c, _ in row["top3"]] == [c for c, _ in expected.top(3)]
+    assert row["malignant"] == pytest.approx(expected.malignant, abs=1e-5)
+    assert (row["refer"], row["refer_reason"]) == (expected.refer, expected.refer_reason)
     assert "Enclave attested" in run.stderr
+
+
+def test_a_photo_that_is_not_a_lesion_is_referred_as_such(stack, reference):
+    """A natural photo (scikit-image's CC0 coffee cup) through the real enclave process:
+    the sealed result says refer, reason not_a_lesion, in classify's row and on the
+    parent server's line."""
+    photo = ROOT / "tests" / "fixtures" / "not-a-lesion" / "coffee.jpg"
+    assert reference(photo).refer_reason == "not_a_lesion"
+    run = stack.parent_cli("classify", str(photo), "--port", str(stack.client_port), "--json",
+                           *trust_args(stack))
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    assert (row["refer"], row["refer_reason"]) == (True, "not_a_lesion")
+    mark = len(stack.server.lines)
+    run = stack.parent_cli("client", "16", str(stack.client_port), "--image", str(photo),
+                           *trust_args(stack))
+    assert run.returncode == 0, run.stderr
+    stack.server.wait_for(r"Classification received: .+, malignant \d\.\d\d REFER \(not a lesion\)$",
+                          start=mark)
 
 
 def test_classify_text_output_shows_label_confidence_and_top3(stack, test_image_paths, reference):
@@ -95,8 +119,9 @@ def test_classify_text_output_shows_label_confidence_and_top3(stack, test_image_
                            *trust_args(stack))
     assert run.returncode == 0, run.stderr
     expected = reference(image)
-    assert re.search(rf"{image.name}: {re.escape(expected.name)} \({expected.code}\) \d\.\d\d  top-3: ",
-                     run.stdout), run.stdout
+    assert re.search(rf"{image.name}: {re.escape(expected.name)} \({expected.code}\) \d\.\d\d  top-3: "
+                     rf".*  malignant {expected.malignant:.2f}{' REFER' if expected.refer else ''}$",
+                     run.stdout, re.MULTILINE), run.stdout
 
 
 def test_non_image_gets_error_and_enclave_keeps_serving(stack, tmp_path, test_image_paths):
@@ -133,7 +158,7 @@ def test_malformed_frame_gets_error_frame_and_enclave_keeps_serving(stack, test_
         client.attest()
         client.open_session()
         [outcome] = list(client.classify_many([test_image_paths[0].read_bytes()]))
-    assert outcome.result is not None and outcome.result["code"] in CODES
+    assert outcome.result is not None and outcome.result.code in CODES
 
 
 def test_client_refuses_a_key_that_is_not_the_attested_one(stack, test_image_paths):
@@ -229,7 +254,8 @@ def test_demo_end_to_end(test_image_paths):
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     for step in ("Server ready!", "Enclave public key received", "verified: module",
-                 "PCR0 ", "sent ", "Classification received: ", "enclave exited with status 0"):
+                 "PCR0 ", "sent ", "Classification received: ", "top-3: ", "triage: malignant ",
+                 "enclave exited with status 0"):
         assert step in out, step
     assert out.index("Enclave public key received") < out.index("verified: module") \
         < out.index("Classification received: ")

@@ -35,7 +35,8 @@ from nitrolesion.wire.messages import (
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 PREDICTION = {"code": "mel", "name": "Melanoma", "confidence": 0.9,
-              "probabilities": {"mel": 0.9, "nv": 0.1}}
+              "probabilities": {"mel": 0.9, "nv": 0.1}, "malignant": 0.9, "refer": True,
+              "refer_reason": "malignant"}
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from nitrolesion.model.classifier import LesionModel, Prediction
 from nitrolesion.model.labels import CODES
 from nitrolesion.protocol import ResultReceived
 from nitrolesion.wire.frames import Frame
-from nitrolesion.wire.messages import ErrorCode, ErrorMessage, Message, ResultPayload, decode_message
+from nitrolesion.wire.messages import (
+    ErrorCode, ErrorMessage, Message, ResultPayload, check_prediction, decode_message)
 from nitrolesion.parent.classify import CSV_COLUMNS, NOTICE, read_results_csv
 from nitrolesion.parent.enclave_client import EnclaveClient
 
@@ -90,12 +91,24 @@ def lone_enclave(tmp_path: Path, *args: str) -> EnclaveStack:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def assert_same_prediction(result: dict, expected: Prediction) -> None:
-    assert result["code"] == expected.code
-    assert set(result["probabilities"]) == set(CODES)
+def row_result(row: dict) -> Prediction:
+    """A classify results row (JSON, or CSV strings) read back through the strict decoder."""
+    probabilities = row.get("probabilities") or {c: float(row[f"p_{c}"]) for c in CODES}
+    return check_prediction({
+        "code": row["code"], "name": row["label"], "confidence": float(row["confidence"]),
+        "probabilities": {c: float(p) for c, p in probabilities.items()},
+        "malignant": float(row["malignant"]), "refer": row["refer"] in (True, "true"),
+        "refer_reason": row["refer_reason"] or None})
+
+
+def assert_same_prediction(result: Prediction, expected: Prediction) -> None:
+    assert result.code == expected.code
+    assert set(result.probabilities) == set(CODES)
     for code in CODES:
-        assert result["probabilities"][code] == pytest.approx(expected.probabilities[code],
-                                                              abs=TOLERANCE), code
+        assert result.probabilities[code] == pytest.approx(expected.probabilities[code],
+                                                           abs=TOLERANCE), code
+    assert result.malignant == pytest.approx(expected.malignant, abs=TOLERANCE)
+    assert (result.refer, result.refer_reason) == (expected.refer, expected.refer_reason)
 
 
 class RawSession:
@@ -368,7 +381,7 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
         assert len(rows) == len(document["results"]) == total
         for file, prediction in expected.items():
             assert "error" not in rows[file], rows[file]
-            assert_same_prediction(rows[file], prediction)
+            assert_same_prediction(row_result(rows[file]), prediction)
             assert len(rows[file]["top3"]) == 3
         for file, code in failures.items():
             assert rows[file]["error"]["code"] == code, rows[file]
@@ -382,9 +395,7 @@ def test_classify_cli_writes_every_row_and_reports_unreadable_files(
             row = rows[file]
             assert row["error"] == "", row
             assert row["code"] == prediction.code
-            probabilities = {c: float(row[f"p_{c}"]) for c in CODES}
-            assert len(probabilities) == 7
-            assert_same_prediction({"code": row["code"], "probabilities": probabilities}, prediction)
+            assert_same_prediction(row_result(row), prediction)
         for file, code in failures.items():
             assert rows[file]["error"].startswith(f"{code}: "), rows[file]
             assert all(rows[file][f"p_{c}"] == "" for c in CODES)

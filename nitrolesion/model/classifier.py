@@ -1,6 +1,7 @@
 """Inference with the shipped TFLite model: load once, one interpreter per process.
 
-``LesionModel`` reads the model file and labels once; ``LesionModel.new_classifier()`` gives
+``LesionModel`` reads the model file, labels and triage file (``<model>.triage.npz``, see
+nitrolesion/model/triage.py) once; ``LesionModel.new_classifier()`` gives
 a :class:`Classifier` that owns one TFLite interpreter. An interpreter is not thread-safe:
 one thread at a time may call :meth:`Classifier.predict_array` (the enclave's WorkerPool
 gives it one thread of its own), and it is given several threads (``num_threads``) rather
@@ -22,6 +23,8 @@ from nitrolesion.errors import ModelError
 from nitrolesion.model.labels import DEFAULT_LABELS_PATH, MODELS_DIR, Label, load_labels
 from nitrolesion.model.preprocess import (
     DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, preprocess_image)
+from nitrolesion.model.triage import Triage, load_triage, triage_path_for
+from nitrolesion.wire.messages import Prediction, check_prediction
 
 DEFAULT_MODEL_PATH = MODELS_DIR / "lesion_classifier.tflite"
 
@@ -44,30 +47,34 @@ def interpreter_class():
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """The model's answer for one image."""
+class ModelOutput:
+    """What one run of the interpreter gives: the probabilities (output 0, normalised) and
+    the penultimate features (output 1: [V, D], one row per view), or None for a model
+    without them."""
 
-    code: str
-    name: str
-    confidence: float
-    probabilities: dict[str, float]
-
-    def top(self, k: int = 3) -> list[tuple[str, float]]:
-        """The ``k`` most probable codes with their probabilities, best first."""
-        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
+    probabilities: np.ndarray
+    features: np.ndarray | None
 
 
 class LesionModel:
-    """The model bytes and labels, loaded once per process."""
+    """The model bytes, labels and triage parameters, loaded once per process."""
 
     def __init__(self, model_path: Path = DEFAULT_MODEL_PATH,
-                 labels_path: Path = DEFAULT_LABELS_PATH) -> None:
+                 labels_path: Path = DEFAULT_LABELS_PATH,
+                 triage_path: Path | None = None, *, triage: bool = True) -> None:
+        """``triage_path`` defaults to the file beside the model (:func:`triage_path_for`);
+        ``triage=False`` loads none (fitting one: models/fit_triage.py), and then
+        :meth:`Classifier.prediction_from` refuses to answer."""
         try:
             self.model_bytes = Path(model_path).read_bytes()
         except OSError as exc:
             raise ModelError(f"cannot read model file {model_path}: {exc.strerror}") from exc
         self.model_path = Path(model_path)
         self.labels: list[Label] = load_labels(labels_path)
+        self.triage: Triage | None = None
+        if triage:
+            self.triage = load_triage(triage_path or triage_path_for(self.model_path),
+                                      self.model_bytes)
         self._interpreter_class = interpreter_class()
         probe = self.new_classifier()
         self.input_size = probe.input_size
@@ -100,6 +107,7 @@ class Classifier:
 
     def __init__(self, model: LesionModel, num_threads: int = 1) -> None:
         self.labels = model.labels
+        self.triage = model.triage
         try:
             self._interpreter = model._interpreter_class(
                 model_content=model.model_bytes, num_threads=num_threads)
@@ -107,7 +115,8 @@ class Classifier:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{model.model_path} is not a usable TFLite model: {exc}") from exc
         inp = self._interpreter.get_input_details()[0]
-        out = self._interpreter.get_output_details()[0]
+        outputs = self._interpreter.get_output_details()
+        out = outputs[0]
         shape = tuple(int(d) for d in inp["shape"])
         if len(shape) != 4 or shape[0] != 1 or shape[1] != shape[2] or shape[3] != 3:
             raise ModelError(f"expected model input shape (1, S, S, 3), got {shape}")
@@ -118,9 +127,15 @@ class Classifier:
         self.input_size = shape[1]
         self._input_index = inp["index"]
         self._output_index = out["index"]
+        # Output 1, when present, is the features (models/add_feature_output.py).
+        self._features_index = outputs[1]["index"] if len(outputs) > 1 else None
+        if self.triage is not None and self._features_index is None:
+            raise ModelError(f"{model.model_path} has no feature output (output 1), which its "
+                             "triage file needs: add it with models/add_feature_output.py")
 
-    def predict_array(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities (7, summing to 1) for one preprocessed (S, S, 3) float32 array.
+    def predict_array(self, pixels: np.ndarray) -> ModelOutput:
+        """The model's output for one preprocessed (S, S, 3) float32 array: probabilities
+        (7, summing to 1) and the features.
 
         Uses the interpreter: one thread at a time."""
         # set_tensor copies into the interpreter's own buffer; no float32 copy before it
@@ -128,7 +143,10 @@ class Classifier:
         self._interpreter.set_tensor(self._input_index,
                                      np.asarray(pixels, dtype=np.float32)[np.newaxis])
         self._interpreter.invoke()
-        return normalised(self._interpreter.get_tensor(self._output_index)[0])
+        features = (None if self._features_index is None
+                    else self._interpreter.get_tensor(self._features_index).copy())
+        return ModelOutput(normalised(self._interpreter.get_tensor(self._output_index)[0]),
+                           features)
 
     def classify(self, image: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -153,11 +171,25 @@ class Classifier:
         return preprocess_image(image, self.input_size, max_bytes=max_bytes,
                                 max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
 
-    def prediction_from(self, probabilities: np.ndarray) -> Prediction:
+    def prediction_from(self, output: ModelOutput) -> Prediction:
+        """The prediction for one :meth:`predict_array` output: calibrated probabilities,
+        the malignancy score and the refer flag (nitrolesion/model/triage.py), as the
+        wire's :class:`~nitrolesion.wire.messages.Prediction`, built by the same strict
+        decoder the receiving side runs, so the enclave never seals one it would refuse.
+
+        Raises :class:`ModelError` for a model loaded without triage."""
+        if self.triage is None or output.features is None:
+            raise ModelError("no triage for this model: predictions need its triage file "
+                             "and feature output")
+        assessment = self.triage.assess(output.probabilities, output.features)
+        probabilities = assessment.probabilities
         best = int(np.argmax(probabilities))
-        return Prediction(
-            code=self.labels[best].code,
-            name=self.labels[best].name,
-            confidence=float(probabilities[best]),
-            probabilities={label.code: float(p) for label, p in zip(self.labels, probabilities)},
-        )
+        return check_prediction({
+            "code": self.labels[best].code,
+            "name": self.labels[best].name,
+            "confidence": float(probabilities[best]),
+            "probabilities": {label.code: float(p) for label, p in zip(self.labels, probabilities)},
+            "malignant": assessment.malignant,
+            "refer": assessment.refer,
+            "refer_reason": assessment.refer_reason,
+        })

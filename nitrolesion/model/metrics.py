@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from nitrolesion.model.triage import MALIGNANT_CODES
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
@@ -171,3 +173,26 @@ def lesion_bootstrap(
     return {name: (float(np.nanpercentile(values, tail)),
                    float(np.nanpercentile(values, 100.0 - tail)))
             for name, values in draws.items()}
+
+
+def triage_figures(y_true, malignant, refer, codes: Sequence[str]) -> dict[str, float]:
+    """The refer flag as a malignant-vs-benign screen, flat: ``refer_sensitivity`` (share
+    of malignant images referred), ``refer_specificity`` (share of benign ones not
+    referred), ``melanoma_sensitivity`` (share of melanomas referred) and
+    ``malignant_roc_auc`` (of the ``malignant`` score). Figures with no image to count
+    are left out."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    refer = np.asarray(refer, dtype=bool)
+    is_malignant = np.isin(y_true, [list(codes).index(code) for code in MALIGNANT_CODES])
+    is_melanoma = y_true == list(codes).index("mel")
+    figures = {}
+    if is_malignant.any():
+        figures["refer_sensitivity"] = float(refer[is_malignant].mean())
+    if (~is_malignant).any():
+        figures["refer_specificity"] = float((~refer[~is_malignant]).mean())
+    if is_melanoma.any():
+        figures["melanoma_sensitivity"] = float(refer[is_melanoma].mean())
+    auc = roc_auc(is_malignant, np.asarray(malignant, dtype=np.float64))
+    if not np.isnan(auc):
+        figures["malignant_roc_auc"] = auc
+    return figures

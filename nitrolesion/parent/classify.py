@@ -32,9 +32,10 @@ from nitrolesion.parent.enclave_client import EnclaveClient, ImageOutcome
 from nitrolesion.parent.images import expand_images, read_image_file
 from nitrolesion.parent.options import POLICY_FILE, key_dir_of, pcr_lines, transport_of
 from nitrolesion.transport import endpoint_for
-from nitrolesion.wire.messages import printable
+from nitrolesion.wire.messages import printable, triage_text
 
-CSV_COLUMNS = ["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES] + ["error"]
+CSV_COLUMNS = (["file", "code", "label", "confidence"] + [f"p_{c}" for c in CODES]
+               + ["malignant", "refer", "refer_reason", "error"])
 NOTICE = "research demonstrator, not a medical device"
 #: Error code of the rows a Ctrl-C left undone.
 INTERRUPTED = "INTERRUPTED"
@@ -77,11 +78,12 @@ def row_of(path: Path, outcome: ImageOutcome) -> dict:
         code, message = outcome.error  # may come from the enclave: make it safe to print
         return {"file": str(path), "error": {"code": printable(code), "message": printable(message)}}
     result = outcome.result
-    top3 = sorted(result["probabilities"].items(), key=lambda item: -item[1])[:3]
-    return {"file": str(path), "code": printable(result["code"]), "label": printable(result["name"]),
-            "confidence": round(result["confidence"], 6),
-            "probabilities": {c: round(result["probabilities"][c], 6) for c in CODES},
-            "top3": [[c, round(p, 6)] for c, p in top3]}
+    return {"file": str(path), "code": printable(result.code), "label": printable(result.name),
+            "confidence": round(result.confidence, 6),
+            "probabilities": {c: round(result.probabilities[c], 6) for c in CODES},
+            "top3": [[c, round(p, 6)] for c, p in result.top(3)],
+            "malignant": round(result.malignant, 6), "refer": result.refer,
+            "refer_reason": result.refer_reason}
 
 
 def interrupted_row(path: Path) -> dict:
@@ -94,7 +96,8 @@ def text_line(row: dict) -> str:
     if "error" in row:
         return f"{name}: error {row['error']['code']}: {row['error']['message']}"
     top = ", ".join(f"{c} {p:.2f}" for c, p in row["top3"])
-    return f"{name}: {row['label']} ({row['code']}) {row['confidence']:.2f}  top-3: {top}"
+    triage = triage_text(row["malignant"], row["refer"], row["refer_reason"])
+    return f"{name}: {row['label']} ({row['code']}) {row['confidence']:.2f}  top-3: {top}  {triage}"
 
 
 def summary_of(done: list[dict], seconds: float, total: int | None = None) -> dict:
@@ -107,6 +110,7 @@ def summary_of(done: list[dict], seconds: float, total: int | None = None) -> di
             "failed_by_reason": dict(sorted(failed.items())),
             "interrupted": total - len(done), "complete": len(done) == total,
             "by_code": dict(sorted(Counter(r["code"] for r in ok).items())),
+            "referred": sum(1 for r in ok if r["refer"]),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(done) / seconds, 2) if seconds > 0 else None}
 
@@ -118,7 +122,8 @@ def summary_text(summary: dict) -> str:
         failed += " (" + ", ".join(f"{code} {count}" for code, count
                                    in summary["failed_by_reason"].items()) + ")"
     speed = summary["images_per_second"]
-    parts = [f"{summary['images']} images", f"{summary['classified']} classified", failed]
+    parts = [f"{summary['images']} images", f"{summary['classified']} classified",
+             f"{summary['referred']} referred", failed]
     if summary["interrupted"]:
         parts.append(f"{summary['interrupted']} not done (interrupted)")
     parts.append(f"{summary['seconds']:.1f} s" + (f", {speed:g} images/s" if speed else ""))
@@ -241,7 +246,10 @@ def write_results(path: Path, rows: list[dict], summary: dict, provenance: dict)
                     else:
                         flat.update(code=row["code"], label=row["label"],
                                     confidence=row["confidence"],
-                                    **{f"p_{c}": row["probabilities"][c] for c in CODES})
+                                    **{f"p_{c}": row["probabilities"][c] for c in CODES},
+                                    malignant=row["malignant"],
+                                    refer="true" if row["refer"] else "false",
+                                    refer_reason=row["refer_reason"] or "")
                     if fleet_rows:
                         flat.update(fleets.csv_fields(row))
                     writer.writerow(flat)

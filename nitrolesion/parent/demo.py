@@ -155,8 +155,10 @@ def run_demo(args) -> int:
         outcome = wait_for(events, "result", RESULT_TIMEOUT, enclave)
         step("server decrypted the enclave's answer with the parent's private key:")
         print(f"    {outcome.text}", flush=True)
-        top3 = sorted(outcome.data["probabilities"].items(), key=lambda item: -item[1])[:3]
-        print("    top-3: " + ", ".join(f"{code} {p:.2f}" for code, p in top3), flush=True)
+        prediction = outcome.data["prediction"]
+        print("    top-3: " + ", ".join(f"{code} {p:.2f}" for code, p in prediction.top(3)),
+              flush=True)
+        print(f"    triage: {prediction.triage_text()}", flush=True)
         step("stopping the enclave (SIGTERM)")
         status = enclave.stop()
         print(f"    enclave exited with status {status}", flush=True)

@@ -31,7 +31,7 @@ from nitrolesion.protocol import (
     SessionEstablished, State)
 from nitrolesion.transport import SOCKETS, AnyEndpoint, FramedConnection, Transport
 from nitrolesion.wire.frames import Frame
-from nitrolesion.wire.messages import Attestation, EnclaveAnnounce, ErrorCode
+from nitrolesion.wire.messages import Attestation, EnclaveAnnounce, ErrorCode, Prediction
 #: Seconds to wait for any single answer from the enclave (a classification takes ~20 ms;
 #: the slack covers a busy enclave and a 20 MiB upload).
 DEFAULT_TIMEOUT = 60.0
@@ -94,11 +94,11 @@ class Trust:
 
 @dataclass
 class ImageOutcome:
-    """The answer for one image of a session: ``result`` (a prediction dict) or ``error``
-    ``(code, message)``."""
+    """The answer for one image of a session: ``result`` (the enclave's prediction) or
+    ``error`` ``(code, message)``."""
 
     index: int
-    result: dict | None = None
+    result: Prediction | None = None
     error: tuple[str, str] | None = None
 
 

@@ -256,8 +256,9 @@ class ParentServer:
             plaintext = open_envelope(self._private_key, envelope, aad)
             result = check_prediction(loads_plain(plaintext))
         except NitroLesionError as exc:
-            self.on_event(ServerEvent("error", f"A signed result could not be decrypted: {exc}"))
+            self.on_event(ServerEvent("error", f"A signed result could not be decrypted or decoded: {exc}"))
             return
-        label, confidence = printable(result["name"]), result["confidence"]
-        self.on_event(ServerEvent("result", f"Classification received: {label} ({confidence:.2f})",
-                                  {"request_id": message.request_id.hex(), **result}))
+        self.on_event(ServerEvent(
+            "result", f"Classification received: {printable(result.name)} "
+                      f"({result.confidence:.2f}), {result.triage_text()}",
+            {"request_id": message.request_id.hex(), "prediction": result}))

@@ -423,19 +423,82 @@ def _check_probability(name: str, value) -> float:
     return float(value)
 
 
-def check_prediction(value) -> dict:
-    """A prediction as the enclave sends it: ``{"code", "name", "confidence",
-    "probabilities": {code: p}}``, every field's type and size checked. Raises ProtocolError."""
-    if not isinstance(value, dict) or set(value) != {"code", "name", "confidence", "probabilities"}:
-        raise ProtocolError("prediction: expected fields code, name, confidence, probabilities")
+#: What ``refer_reason`` may say: the calibrated malignant score reached the model's refer
+#: threshold, or the image does not look like a dermoscopic image of a lesion at all.
+REFER_REASONS = ("malignant", "not_a_lesion")
+PREDICTION_FIELDS = ("code", "name", "confidence", "probabilities", "malignant", "refer",
+                     "refer_reason")
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {name!r}: expected true or false")
+    return value
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image, as the enclave's classifier makes it and every
+    receiver decodes it from a sealed result: the most probable diagnosis (``code``,
+    ``name``, ``confidence``), the calibrated ``probabilities`` by code, ``malignant``
+    (p(mel) + p(bcc) + p(akiec)), ``refer`` and ``refer_reason`` (None when not referred,
+    else one of :data:`REFER_REASONS`). Built by :func:`check_prediction` on both sides, so
+    every instance passed the same strict checks."""
+
+    code: str
+    name: str
+    confidence: float
+    probabilities: dict[str, float]
+    malignant: float
+    refer: bool
+    refer_reason: str | None
+
+    def to_wire(self) -> dict:
+        """The CBOR map sent on the wire (the fields in :data:`PREDICTION_FIELDS`)."""
+        return {name: getattr(self, name) for name in PREDICTION_FIELDS}
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable codes with their probabilities, best first."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
+
+    def triage_text(self) -> str:
+        """The triage for a person (see :func:`triage_text`)."""
+        return triage_text(self.malignant, self.refer, self.refer_reason)
+
+
+def triage_text(malignant: float, refer: bool, refer_reason: str | None) -> str:
+    """A result's triage for a person: ``malignant 0.12``, ``malignant 0.71 REFER`` or
+    ``malignant 0.30 REFER (not a lesion)``."""
+    text = f"malignant {malignant:.2f}"
+    if refer_reason == "not_a_lesion":
+        return text + " REFER (not a lesion)"
+    return text + " REFER" if refer else text
+
+
+def check_prediction(value) -> Prediction:
+    """Decode a prediction map (the fields of :class:`Prediction`), every field's
+    type, size and range checked, and ``refer_reason`` consistent with ``refer``. Raises
+    ProtocolError."""
+    if not isinstance(value, dict) or set(value) != set(PREDICTION_FIELDS):
+        raise ProtocolError(f"prediction: expected fields {', '.join(PREDICTION_FIELDS)}")
     probabilities = value["probabilities"]
     if not isinstance(probabilities, dict) or not 0 < len(probabilities) <= MAX_CLASSES:
         raise ProtocolError(f"prediction: expected 1..{MAX_CLASSES} probabilities")
-    return {"code": _check_text("code", value["code"], 32),
-            "name": _check_text("name", value["name"], MAX_LABEL_TEXT),
-            "confidence": _check_probability("confidence", value["confidence"]),
-            "probabilities": {_check_text("class", code, 32): _check_probability(code[:32], p)
-                              for code, p in probabilities.items()}}
+    refer = _check_flag("refer", value["refer"])
+    reason = value["refer_reason"]
+    if refer and reason not in REFER_REASONS:
+        raise ProtocolError(f"field 'refer_reason': expected one of {REFER_REASONS} when refer is true")
+    if not refer and reason is not None:
+        raise ProtocolError("field 'refer_reason': expected null when refer is false")
+    return Prediction(
+        code=_check_text("code", value["code"], 32),
+        name=_check_text("name", value["name"], MAX_LABEL_TEXT),
+        confidence=_check_probability("confidence", value["confidence"]),
+        probabilities={_check_text("class", code, 32): _check_probability(code[:32], p)
+                       for code, p in probabilities.items()},
+        malignant=_check_probability("malignant", value["malignant"]),
+        refer=refer,
+        refer_reason=reason)
 
 
 @dataclass(frozen=True)
@@ -462,21 +525,24 @@ class ImagePayload:
 @dataclass(frozen=True)
 class ResultPayload:
     """What a SESSION_RESULT carries, sealed: the answer to request ``request`` (its
-    counter), either a ``prediction`` (see :func:`check_prediction`) or an ``error``
-    ``(code, message)``."""
+    counter), either a ``prediction`` (a :class:`Prediction`; a map given here is
+    decoded by :func:`check_prediction`, so the enclave cannot send a malformed one) or an
+    ``error`` ``(code, message)``."""
 
     request: int
-    prediction: dict | None = None
+    prediction: Prediction | None = None
     error: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if (self.prediction is None) == (self.error is None):
             raise ValueError("a result payload has exactly one of prediction and error")
+        if self.prediction is not None and not isinstance(self.prediction, Prediction):
+            object.__setattr__(self, "prediction", check_prediction(self.prediction))
 
     def encode(self) -> bytes:
         body = {"request": self.request}
         if self.prediction is not None:
-            body["result"] = self.prediction
+            body["result"] = self.prediction.to_wire()
         else:
             body["error"] = {"code": self.error[0], "message": self.error[1]}
         return cbor2.dumps(body)
