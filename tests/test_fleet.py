@@ -24,6 +24,7 @@ from harness import ENCLAVE_APP, PARENT_CLI, PYTHON, ROOT, Proc, free_port, tcp_
 from nitrolesion.attestation.dev_authority import (
     DEV_POLICY_FILE, ROOT_CERT_FILE, DevAttestationAuthority, dev_pcrs)
 from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.wire.messages import Prediction
 from nitrolesion.attestation.trust import load_pem_roots
 from nitrolesion.enclave_image import image_files
 from nitrolesion.errors import TransportError, UsageError
@@ -146,7 +147,7 @@ def fleet(tmp_path_factory, model_present):
 
 
 @pytest.fixture(scope="module")
-def single_answers(fleet, test_image_paths) -> dict[str, dict]:
+def single_answers(fleet, test_image_paths) -> dict[str, Prediction]:
     """What one enclave alone answers for each sample image (file name -> prediction)."""
     answers = {}
     with EnclaveClient(fleet.good[0].endpoint, fleet.trust) as client:
@@ -188,8 +189,8 @@ def test_cli_refuses_the_other_build_and_names_each_rows_enclave(fleet, single_a
         attested = provenance["enclaves"][enclave["endpoint"]]
         assert enclave["pcr0"] == attested["enclave_pcr0"] and enclave["pcr2"] == attested["enclave_pcr2"]
         expected = single_answers[Path(row["file"]).name]
-        assert row["code"] == expected["code"]
-        assert row["probabilities"] == {c: round(p, 6) for c, p in expected["probabilities"].items()}
+        assert row["code"] == expected.code
+        assert row["probabilities"] == {c: round(p, 6) for c, p in expected.probabilities.items()}
 
 
 def test_cli_csv_rows_carry_the_enclave_and_the_header_its_pcrs(fleet, tmp_path):

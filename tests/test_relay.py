@@ -119,7 +119,7 @@ def test_relay_carries_exactly_the_sessions_bytes_and_never_plaintext(enclave, t
             piece = image[start:start + 32]
             assert piece not in crossed and piece not in log
     # Every diagnosis' name (at least 8 bytes: too long to occur by chance in ciphertext).
-    names = {label.name for label in load_labels()} | {result["name"] for result in results}
+    names = {label.name for label in load_labels()} | {result.name for result in results}
     for name in names:
         assert name.encode() not in crossed, name
         assert name.encode().lower() not in log.lower(), name
@@ -150,7 +150,7 @@ def test_fleet_through_one_relay_address_attests_on_every_connection(enclave, tm
             client.attest()
             client.open_session()
             paths = sorted((PROJECT_ROOT / "sample_images").glob("*.jpg"))
-            direct = {paths[o.index].name: o.result["code"]
+            direct = {paths[o.index].name: o.result.code
                       for o in client.classify_many([p.read_bytes() for p in paths])}
         assert {Path(row["file"]).name: row["code"] for row in document["results"]} == direct
     finally:

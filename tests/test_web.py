@@ -147,7 +147,7 @@ def test_relay_carries_a_session_frame_for_frame(stack, web, test_image_paths):
         _, frame = session.classify(test_image_paths[0].read_bytes())
         ws.send(encode_frame(*astuple(frame)))
         event = session.receive(receive(ws))
-        assert isinstance(event, ResultReceived) and event.payload.prediction["code"] == "nv"
+        assert isinstance(event, ResultReceived) and event.payload.prediction.code == "nv"
     proc.wait_for(r"relay #\d+: browser->enclave 3 frames \d+ B, enclave->browser 3 frames \d+ B")
     assert "Melanocytic" not in proc.output  # sizes and timings only
 
