@@ -62,7 +62,7 @@ from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, usable
 from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
 from nitrolesion.model.labels import CODES  # noqa: E402
 from nitrolesion.transport import TcpEndpoint  # noqa: E402
-from enclave.service import MAX_CONNECTIONS  # noqa: E402
+from nitrolesion.enclave.service import MAX_CONNECTIONS  # noqa: E402
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY  # noqa: E402
 from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust  # noqa: E402

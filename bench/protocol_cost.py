@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from bench.machine import load_line  # noqa: E402
 from bench.pipeline import load_images  # noqa: E402
-from enclave.service import prediction_payload  # noqa: E402
+from nitrolesion.enclave.connection import prediction_payload  # noqa: E402
 from nitrolesion.attestation.dev_authority import DevAttestationAuthority  # noqa: E402
 from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
 from nitrolesion.attestation.verifier import verify_attestation  # noqa: E402

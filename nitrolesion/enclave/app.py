@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from enclave.service import (
-    HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.provider import open_attestation_provider
+from nitrolesion.enclave.service import (
+    HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
