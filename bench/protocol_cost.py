@@ -34,25 +34,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-from Crypto.Cipher import AES  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+import numpy as np
+from Crypto.Cipher import AES
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bench.machine import load_line  # noqa: E402
-from bench.pipeline import load_images  # noqa: E402
-from nitrolesion.enclave.connection import prediction_payload  # noqa: E402
-from nitrolesion.attestation.dev_authority import DevAttestationAuthority  # noqa: E402
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
-from nitrolesion.attestation.verifier import verify_attestation  # noqa: E402
-from nitrolesion.crypto.envelope import generate_keypair, public_key_der  # noqa: E402
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
-from nitrolesion.model.preprocess import decoded_bytes_estimate  # noqa: E402
-from nitrolesion.protocol import ClientSession, EnclaveSession  # noqa: E402
-from nitrolesion.wire.frames import FrameDecoder, encode_frame  # noqa: E402
-from nitrolesion.wire.messages import ResultPayload  # noqa: E402
+from bench.machine import load_line
+from bench.pipeline import load_images
+from nitrolesion.enclave.connection import prediction_payload
+from nitrolesion.attestation.dev_authority import DevAttestationAuthority
+from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.attestation.verifier import verify_attestation
+from nitrolesion.crypto.envelope import generate_keypair, public_key_der
+from nitrolesion.model.classifier import LesionModel
+from nitrolesion.model.preprocess import decoded_bytes_estimate
+from nitrolesion.protocol import ClientSession, EnclaveSession
+from nitrolesion.wire.frames import FrameDecoder, encode_frame
+from nitrolesion.wire.messages import ResultPayload
 
 
 def open_sessions(state: Path) -> tuple[ClientSession, EnclaveSession]:

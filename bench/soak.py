@@ -35,14 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from bench.stats import percentile  # noqa: E402
-from harness import EnclaveStack, Proc  # noqa: E402
-from nitrolesion.errors import NitroLesionError  # noqa: E402
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from bench.stats import percentile
+from harness import EnclaveStack, Proc
+from nitrolesion.errors import NitroLesionError
+from nitrolesion.model.classifier import LesionModel
 
 #: Seconds between RSS samples.
 SAMPLE_PERIOD = 1.0

@@ -27,11 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests", ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-import hostile_cases as hc  # noqa: E402
+import hostile_cases as hc
 
 DEFAULT_OUT = ROOT / "docs" / "ROBUSTNESS.md"
 #: What the hostile cases found while hardening, and what was changed (kept with the script
@@ -388,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = run_memory_attacks(log) if args.memory_attacks else []
     soak = None
     if args.soak_seconds:
-        from soak import format_result, run_soak
+        from bench.soak import format_result, run_soak
 
         soak = run_soak(args.soak_seconds, args.soak_clients, log=log)
         log(format_result(soak))
