@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 from nitrolesion.errors import Busy, ImageError, NitroLesionError
 from nitrolesion.memory_budget import MIB, MemoryBudget, Reservation
@@ -18,6 +18,12 @@ from nitrolesion.model.preprocess import decoded_bytes_estimate
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("enclave")
+
+
+def _until_closed(source: queue.Queue | queue.SimpleQueue) -> Iterator:
+    """The items taken from ``source`` until the None that ``WorkerPool.close`` puts in."""
+    while (item := source.get()) is not None:
+        yield item
 
 
 class WorkerPool:
@@ -66,11 +72,7 @@ class WorkerPool:
 
     def _infer(self) -> None:
         """The inference thread: the only user of the interpreter."""
-        while True:
-            item = self._ready.get()
-            if item is None:
-                return
-            pixels, answer = item
+        for pixels, answer in _until_closed(self._ready):
             try:
                 answer.put(self._classifier.predict_array(pixels))
             except Exception as exc:  # handed to the worker, which logs it and answers
@@ -78,11 +80,7 @@ class WorkerPool:
 
     def _run(self) -> None:
         answer: queue.SimpleQueue = queue.SimpleQueue()  # this worker's inference results
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            image, done = job
+        for image, done in _until_closed(self._queue):
             try:
                 # The decoded picture lives only inside preprocess: its reservation ends
                 # there, before the wait for the interpreter.
@@ -97,7 +95,7 @@ class WorkerPool:
                 prediction, error = self._classifier.prediction_from(output), None
             except (ImageError, Busy) as exc:
                 prediction, error = None, exc
-            except Exception as exc:  # a bug must not kill the worker; details stay here
+            except Exception:  # a bug must not kill the worker; details stay here
                 log.exception("worker failed on a job")
                 prediction, error = None, NitroLesionError("internal error while classifying")
             try:
