@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from bench.machine import OtherCpu
+from nitrolesion.enclave.service import DEFAULT_WORKERS
 from nitrolesion.model.classifier import LesionModel, Prediction, normalised, usable_cpus
 from nitrolesion.model.preprocess import preprocess_image
 
@@ -200,8 +201,9 @@ def batched(model: LesionModel, threads: int, batch: int) -> Callable:
 
 
 def configurations(model: LesionModel, cpus: int | None = None,
-                   pool_workers: int = 2) -> list[tuple[str, Callable]]:
-    """(name, classify_all) for every configuration, built once (interpreters allocated)."""
+                   pool_workers: int = DEFAULT_WORKERS) -> list[tuple[str, Callable]]:
+    """(name, classify_all) for every configuration, built once (interpreters allocated);
+    the WorkerPool with the enclave's default worker count unless ``pool_workers`` says."""
     n = cpus or usable_cpus()
     configs = [("1 interpreter x 1 thread", sequential(model, 1))]
     if n > 1:

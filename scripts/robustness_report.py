@@ -241,13 +241,14 @@ MEMORY_BEFORE = {"partial_frames": "1.94 GiB", "pixel_bombs": "2.43 GiB (~1 GiB,
 
 def render_memory(results: list) -> list[str]:
     import memory_attacks as ma
+    from nitrolesion.enclave.service import DEFAULT_WORKERS
     from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
 
     lines = ["", "## Memory under attack", ""]
     if not results:
         return lines + ["Not run this time (`--memory-attacks 0`)."]
     lines += [
-        f"One fresh enclave process with the production defaults (`--workers 2`, `--memory "
+        f"One fresh enclave process with the production defaults (`--workers {DEFAULT_WORKERS}`, `--memory "
         f"{RECOMMENDED_ENCLAVE_MIB}`: a budget of {budget_for_enclave_memory() // 2**20} MiB "
         f"for frames in flight and decoded pixels). Peak RSS is VmHWM, reset before each attack; "
         f"the process must stay under {ma.PROCESS_LIMIT_MIB} MiB (the recommended --memory less "

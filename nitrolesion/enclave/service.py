@@ -37,7 +37,8 @@ from nitrolesion.enclave.connection import ConnectionHandler
 from nitrolesion.enclave.parent_link import ParentLink
 from nitrolesion.enclave.worker_pool import WorkerPool
 
-__all__ = ["HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService", "ServiceConfig"]
+__all__ = ["DEFAULT_WORKERS", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
+           "ServiceConfig"]
 
 log = logging.getLogger("enclave")
 
@@ -53,6 +54,12 @@ IO_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 5.0
 #: Concurrent client connections; each costs one thread and at most one 24 MiB frame.
 MAX_CONNECTIONS = 64
+#: Worker threads (decode, deliver) around the one interpreter, which runs on every CPU. 3,
+#: not the CPU count: a worker holds its image from decoding until its answer is sent, so
+#: with 2 the image after next waits for a delivery before it can be decoded; the third
+#: decodes it ahead. 3 measured fastest of 1-4 (bench/worker_count.py, docs/PERFORMANCE.md);
+#: each worker costs ~1.5 MiB.
+DEFAULT_WORKERS = 3
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
@@ -71,7 +78,7 @@ class ServiceConfig:
     parent_cid: int
     client_port: int
     parent_port: int
-    workers: int = 2
+    workers: int = DEFAULT_WORKERS
     queue_size: int = 16
     max_connections: int = MAX_CONNECTIONS
     io_timeout: float = IO_TIMEOUT
