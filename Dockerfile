@@ -13,11 +13,11 @@ RUN pip install --no-cache-dir --no-deps -r /app/enclave/requirements.txt
 
 # Exactly nitrolesion/enclave_image.py IMAGE_PATHS (tests/test_enclave_image.py checks it):
 # only what the enclave runs; no parent CLI, verifier, keystore, training or dev authority.
-COPY enclave/__init__.py enclave/app.py enclave/service.py /app/enclave/
+COPY enclave/__init__.py enclave/app.py /app/enclave/
 COPY nitrolesion/__init__.py nitrolesion/environment.py nitrolesion/errors.py nitrolesion/limits.py nitrolesion/memory_budget.py nitrolesion/protocol.py nitrolesion/transport.py /app/nitrolesion/
 COPY nitrolesion/attestation/__init__.py nitrolesion/attestation/errors.py nitrolesion/attestation/nsm.py nitrolesion/attestation/provider.py /app/nitrolesion/attestation/
 COPY nitrolesion/crypto/__init__.py nitrolesion/crypto/envelope.py nitrolesion/crypto/keywrap.py nitrolesion/crypto/result_signature.py nitrolesion/crypto/session.py /app/nitrolesion/crypto/
-COPY nitrolesion/enclave/__init__.py nitrolesion/enclave/app.py /app/nitrolesion/enclave/
+COPY nitrolesion/enclave/__init__.py nitrolesion/enclave/app.py nitrolesion/enclave/connection.py nitrolesion/enclave/parent_link.py nitrolesion/enclave/service.py nitrolesion/enclave/worker_pool.py /app/nitrolesion/enclave/
 COPY nitrolesion/model/__init__.py nitrolesion/model/classifier.py nitrolesion/model/labels.py nitrolesion/model/preprocess.py nitrolesion/model/triage.py /app/nitrolesion/model/
 COPY nitrolesion/wire/__init__.py nitrolesion/wire/frames.py nitrolesion/wire/messages.py /app/nitrolesion/wire/
 COPY models/lesion_classifier.tflite models/labels.json models/lesion_classifier.triage.npz /app/models/

@@ -78,10 +78,27 @@ def ensure_venv(requirements: str) -> Path:
     return venv_python()
 
 
+#: Folders the development scripts import from by name, besides the installed package: the
+#: checkout (``bench.*``) and tests/ (the harness and hostile cases that bench/ and
+#: scripts/ reuse). A .pth file in .venv lists them, as pytest.ini's ``pythonpath`` does
+#: for the tests, so no script edits sys.path.
+DEV_IMPORT_PATHS = (ROOT, ROOT / "tests")
+DEV_PATHS_FILE = "nitrolesion-dev-paths.pth"
+
+
+def write_dev_paths() -> None:
+    """Write DEV_PATHS_FILE into .venv's site-packages (every time: cheap, and it follows
+    a moved checkout)."""
+    site = subprocess.run([str(venv_python()), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, DEV_PATHS_FILE).write_text("".join(f"{path}\n" for path in DEV_IMPORT_PATHS))
+
+
 def install_project() -> None:
     """Install this checkout into .venv in editable mode, unless pyproject.toml is unchanged
     since the last install. ``--no-deps``: the requirements files (with the image's pins)
     are the one place dependencies are resolved."""
+    write_dev_paths()
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     stamp = VENV / ".installed-project"
     if stamp.exists() and stamp.read_text() == digest:

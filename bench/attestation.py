@@ -25,11 +25,10 @@ from pathlib import Path
 import cbor2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
 
-from bench.stats import percentile  # noqa: E402
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
-from nitrolesion.attestation.verifier import verify_attestation  # noqa: E402
+from bench.stats import percentile
+from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.attestation.verifier import verify_attestation
 
 TARGET_MS = 20.0
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -9,7 +9,7 @@ using every core the way that configuration can:
 - ``1 interpreter x N threads``: one image after another, the interpreter on N threads;
 - ``1 interpreter x N threads, preprocessing 2 ahead on another thread``: one thread
   decodes while another runs the interpreter;
-- ``the enclave's WorkerPool in-process``: enclave/service.py's pool itself (workers
+- ``the enclave's WorkerPool in-process``: nitrolesion/enclave/worker_pool.py itself (workers
   preprocess, one inference thread), images submitted from this thread: the enclave
   without protocol, sockets or crypto;
 - ``batch of B, 1 interpreter x N threads``: B images preprocessed, then one invocation
@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from bench.machine import OtherCpu
+from nitrolesion.enclave.service import DEFAULT_WORKERS
 from nitrolesion.model.classifier import LesionModel, ModelOutput, Prediction, normalised, usable_cpus
 from nitrolesion.model.preprocess import preprocess_image
 
@@ -137,9 +138,9 @@ def preprocessing_ahead(model: LesionModel, threads: int, ahead: int = 2) -> Cal
 
 
 def worker_pool(model: LesionModel, workers: int) -> Callable:
-    """The enclave's own WorkerPool (enclave/service.py) in this process: no protocol, no
+    """The enclave's own WorkerPool (nitrolesion/enclave/worker_pool.py) in this process: no protocol, no
     sockets, no crypto; as many images in flight as its queue holds."""
-    from enclave.service import WorkerPool
+    from nitrolesion.enclave.worker_pool import WorkerPool
     from nitrolesion.memory_budget import MemoryBudget
     from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -205,8 +206,9 @@ def batched(model: LesionModel, threads: int, batch: int) -> Callable:
 
 
 def configurations(model: LesionModel, cpus: int | None = None,
-                   pool_workers: int = 2) -> list[tuple[str, Callable]]:
-    """(name, classify_all) for every configuration, built once (interpreters allocated)."""
+                   pool_workers: int = DEFAULT_WORKERS) -> list[tuple[str, Callable]]:
+    """(name, classify_all) for every configuration, built once (interpreters allocated);
+    the WorkerPool with the enclave's default worker count unless ``pool_workers`` says."""
     n = cpus or usable_cpus()
     configs = [("1 interpreter x 1 thread", sequential(model, 1))]
     if n > 1:

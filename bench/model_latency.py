@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import OtherCpu, load_line  # noqa: E402
-from bench.stats import percentile  # noqa: E402
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel  # noqa: E402
-from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
-from nitrolesion.model.preprocess import preprocess_image  # noqa: E402
+from bench.machine import OtherCpu, load_line
+from bench.stats import percentile
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel
+from nitrolesion.model.dataset import default_data_dir, load_split
+from nitrolesion.model.preprocess import preprocess_image
 
 TARGET_MS = 30.0  # issue 2: preprocessing + interpreter, one image, one core
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "sample_images"

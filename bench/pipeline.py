@@ -46,26 +46,23 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from bench.baselines import Run, configurations, largest_difference, run_all  # noqa: E402
-from bench.machine import OtherCpu, load_line, process_ticks  # noqa: E402
-from bench.stats import percentile  # noqa: E402
-from harness import ENCLAVE_APP, Proc, free_port, tcp_env  # noqa: E402
-from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE, ROOT_CERT_FILE  # noqa: E402
-from nitrolesion.attestation.policy import AttestationPolicy  # noqa: E402
-from nitrolesion.attestation.trust import load_pem_roots  # noqa: E402
-from nitrolesion.enclave_image import image_files  # noqa: E402
-from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, usable_cpus  # noqa: E402
-from nitrolesion.model.dataset import default_data_dir, load_split  # noqa: E402
-from nitrolesion.model.labels import CODES  # noqa: E402
-from nitrolesion.transport import TcpEndpoint  # noqa: E402
-from enclave.service import MAX_CONNECTIONS  # noqa: E402
-from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
-from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY  # noqa: E402
-from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust  # noqa: E402
+from bench.baselines import Run, configurations, largest_difference, run_all
+from bench.machine import OtherCpu, load_line, process_ticks
+from bench.stats import percentile
+from harness import ENCLAVE_APP, Proc, free_port, tcp_env
+from nitrolesion.attestation.dev_authority import DEV_POLICY_FILE, ROOT_CERT_FILE
+from nitrolesion.attestation.policy import AttestationPolicy
+from nitrolesion.attestation.trust import load_pem_roots
+from nitrolesion.enclave_image import image_files
+from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, usable_cpus
+from nitrolesion.model.dataset import default_data_dir, load_split
+from nitrolesion.model.labels import CODES
+from nitrolesion.transport import TcpEndpoint
+from nitrolesion.enclave.service import MAX_CONNECTIONS
+from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY
+from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust
 
 MIB = 1024 * 1024
 

@@ -35,14 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from bench.stats import percentile  # noqa: E402
-from harness import EnclaveStack, Proc  # noqa: E402
-from nitrolesion.errors import NitroLesionError  # noqa: E402
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from bench.stats import percentile
+from harness import EnclaveStack, Proc
+from nitrolesion.enclave.service import DEFAULT_WORKERS
+from nitrolesion.errors import NitroLesionError
+from nitrolesion.model.classifier import LesionModel
 
 #: Seconds between RSS samples.
 SAMPLE_PERIOD = 1.0
@@ -168,7 +166,7 @@ def matches(result, want: dict) -> bool:
         abs(result.probabilities[k] - v) <= TOLERANCE for k, v in want["probabilities"].items())
 
 
-def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = 2, image_count: int = 24,
+def run_soak(seconds: float = 120.0, clients: int = 32, workers: int = DEFAULT_WORKERS, image_count: int = 24,
              per_session: int = 25, log=print) -> SoakResult:
     """Run the soak against a fresh local stack; returns the figures (see module docstring)."""
     images, source = load_images(image_count)
@@ -246,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="enclave classifier threads")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="enclave worker threads (default %(default)s, the enclave's own)")
     parser.add_argument("--images", type=int, default=24, help="distinct images to cycle")
     parser.add_argument("--requests-per-session", type=int, default=25)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")

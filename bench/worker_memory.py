@@ -22,13 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-from bench.machine import load_line  # noqa: E402
-from bench.pipeline import LocalEnclave, image_counts, load_images, mismatches, run_batch  # noqa: E402
-from nitrolesion.model.classifier import LesionModel  # noqa: E402
+from bench.machine import load_line
+from bench.pipeline import LocalEnclave, image_counts, load_images, mismatches, run_batch
+from nitrolesion.model.classifier import LesionModel
 
 #: Issue 19: each worker beyond the first costs at most this much.
 TARGET_PER_WORKER_MIB = 10.0

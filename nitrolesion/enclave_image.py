@@ -22,7 +22,6 @@ from nitrolesion.limits import PROJECT_ROOT
 IMAGE_PATHS = (
     "enclave/__init__.py",
     "enclave/app.py",
-    "enclave/service.py",
     "nitrolesion/__init__.py",
     "nitrolesion/environment.py",
     "nitrolesion/errors.py",
@@ -41,6 +40,10 @@ IMAGE_PATHS = (
     "nitrolesion/crypto/session.py",
     "nitrolesion/enclave/__init__.py",
     "nitrolesion/enclave/app.py",
+    "nitrolesion/enclave/connection.py",
+    "nitrolesion/enclave/parent_link.py",
+    "nitrolesion/enclave/service.py",
+    "nitrolesion/enclave/worker_pool.py",
     "nitrolesion/model/__init__.py",
     "nitrolesion/model/classifier.py",
     "nitrolesion/model/labels.py",

@@ -365,8 +365,24 @@ class ClientSession(_Side):
     def classify(self, image: bytes) -> tuple[int, Frame]:
         """SESSION_CLASSIFY for ``image``: ``(request counter, frame)``. Raises CryptoError
         once the session's counter is exhausted (open a new connection)."""
+        return self._seal_request(MessageType.SESSION_CLASSIFY, ImagePayload(image).encode())
+
+    def seal_arbitrary_for_testing(self, plaintext: bytes, *,
+                                   msg_type: int = MessageType.SESSION_CLASSIFY) -> tuple[int, Frame]:
+        """FOR HOSTILE-PEER TESTS ONLY; a client never calls it (use ``classify``).
+
+        A SESSION_CLASSIFY frame whose ciphertext seals ``plaintext`` exactly as given (no
+        image payload around it), under this session's next counter, with ``msg_type`` in
+        its associated data. Tests send with it what a correct client never would (a payload
+        that is not an image request, a CBOR bomb, a ciphertext bound to another message
+        type) and still read the enclave's answer with ``receive()``: the counter counts as
+        outstanding. Returns ``(request counter, frame)`` like ``classify``.
+        """
+        return self._seal_request(msg_type, plaintext)
+
+    def _seal_request(self, msg_type: int, plaintext: bytes) -> tuple[int, Frame]:
         self._require(State.OPEN)
-        counter, ciphertext = self._cipher.seal(MessageType.SESSION_CLASSIFY, ImagePayload(image).encode())
+        counter, ciphertext = self._cipher.seal(msg_type, plaintext)
         self._outstanding.add(counter)
         return counter, _frame(SessionClassify(counter, ciphertext))
 

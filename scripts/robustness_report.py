@@ -27,11 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests", ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
-import hostile_cases as hc  # noqa: E402
+import hostile_cases as hc
 
 DEFAULT_OUT = ROOT / "docs" / "ROBUSTNESS.md"
 #: What the hostile cases found while hardening, and what was changed (kept with the script
@@ -244,13 +241,14 @@ MEMORY_BEFORE = {"partial_frames": "1.94 GiB", "pixel_bombs": "2.43 GiB (~1 GiB,
 
 def render_memory(results: list) -> list[str]:
     import memory_attacks as ma
+    from nitrolesion.enclave.service import DEFAULT_WORKERS
     from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
 
     lines = ["", "## Memory under attack", ""]
     if not results:
         return lines + ["Not run this time (`--memory-attacks 0`)."]
     lines += [
-        f"One fresh enclave process with the production defaults (`--workers 2`, `--memory "
+        f"One fresh enclave process with the production defaults (`--workers {DEFAULT_WORKERS}`, `--memory "
         f"{RECOMMENDED_ENCLAVE_MIB}`: a budget of {budget_for_enclave_memory() // 2**20} MiB "
         f"for frames in flight and decoded pixels). Peak RSS is VmHWM, reset before each attack; "
         f"the process must stay under {ma.PROCESS_LIMIT_MIB} MiB (the recommended --memory less "
@@ -388,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = run_memory_attacks(log) if args.memory_attacks else []
     soak = None
     if args.soak_seconds:
-        from soak import format_result, run_soak
+        from bench.soak import format_result, run_soak
 
         soak = run_soak(args.soak_seconds, args.soak_clients, log=log)
         log(format_result(soak))

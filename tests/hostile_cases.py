@@ -47,8 +47,8 @@ from nitrolesion.crypto.envelope import (
     seal, sealed_request_aad)
 from nitrolesion.crypto.keystore import ParentKeyStore
 from nitrolesion.crypto.keywrap import wrap_session_secret
-from nitrolesion.crypto.session import SessionCipher, new_session_id, new_session_secret
-from nitrolesion.protocol import ClientSession, SessionEstablished
+from nitrolesion.crypto.session import new_session_id, new_session_secret
+from nitrolesion.protocol import ClientSession, PeerError, ResultReceived, SessionEstablished
 from nitrolesion.errors import (
     ConnectionClosed, NitroLesionError, ProtocolError, TransportError,
     TransportTimeout)
@@ -57,7 +57,7 @@ from nitrolesion.transport import FramedConnection, TcpEndpoint, connect
 from nitrolesion.wire.frames import HEADER, MAGIC, PROTOCOL_VERSION, MessageType, encode_frame
 from nitrolesion.wire.messages import (
     MAX_ERROR_TEXT, AnnounceAck, Attestation, EnclaveAnnounce, ErrorMessage, Hello,
-    ResultPayload, SealedRequest, SessionClassify, SessionOpen, SessionResult, decode_message)
+    SealedRequest, SessionClassify, SessionOpen, decode_message)
 from nitrolesion.parent.enclave_client import EnclaveClient
 from nitrolesion.parent.server import load_announcement
 
@@ -645,16 +645,12 @@ def replay_one_shot(same_connection: bool):
 
 @dataclass
 class RawSession:
-    """A session opened through the client state machine, whose cipher cases then use
-    by hand to send what the state machine never would."""
+    """A session opened through the client state machine; cases send what a correct client
+    never would with its ``seal_arbitrary_for_testing`` and read answers through it."""
 
     connection: FramedConnection
     client: ClientSession
     extra: dict = field(default_factory=dict)
-
-    @property
-    def cipher(self) -> SessionCipher:
-        return self.client._cipher
 
 
 def open_raw_session(ctx: HostileContext) -> RawSession:
@@ -668,26 +664,28 @@ def open_raw_session(ctx: HostileContext) -> RawSession:
 def classify_request(session: RawSession, payload: dict | bytes,
                      msg_type: int = MessageType.SESSION_CLASSIFY) -> SessionClassify:
     plaintext = payload if isinstance(payload, bytes) else cbor2.dumps(payload)
-    counter, ciphertext = session.cipher.seal(msg_type, plaintext)
-    return SessionClassify(counter, ciphertext)
+    _, frame = session.client.seal_arbitrary_for_testing(plaintext, msg_type=msg_type)
+    return decode_message(frame)
 
 
 def session_answer(session: RawSession, wait: float, started: float) -> Outcome:
-    """An ERROR frame, or a sealed result opened with the session key."""
+    """An ERROR frame, or a sealed result opened by the client state machine."""
     try:
-        message = decode_message(session.connection.receive(timeout=wait))
+        frame = session.connection.receive(timeout=wait)
     except NitroLesionError as exc:
         return answer_from_error(exc, wait, started)
     elapsed = time.monotonic() - started
-    if isinstance(message, ErrorMessage):
-        return Outcome(message.code, message.message, elapsed)
-    if isinstance(message, SessionResult):
-        payload = ResultPayload.decode(session.cipher.open(
-            MessageType.SESSION_RESULT, message.counter, message.ciphertext))
-        if payload.error is not None:
-            return Outcome(*payload.error, elapsed)
-        return Outcome("OK", payload.prediction.code, elapsed)
-    return Outcome(message.TYPE.name, "", elapsed)
+    try:
+        event = session.client.receive(frame)
+    except NitroLesionError as exc:  # what the enclave sent is itself a violation
+        return Outcome(type(exc).__name__, str(exc), elapsed)
+    if isinstance(event, PeerError):
+        return Outcome(event.code, event.message, elapsed)
+    if isinstance(event, ResultReceived):
+        if event.payload.error is not None:
+            return Outcome(*event.payload.error, elapsed)
+        return Outcome("OK", event.payload.prediction.code, elapsed)
+    return Outcome(type(event).__name__, "", elapsed)
 
 
 def answer_from_error(exc: NitroLesionError, wait: float, started: float) -> Outcome:
@@ -730,7 +728,8 @@ def session_replay(ctx, session: RawSession, rng) -> list:
 
 
 def session_skip(ctx, session: RawSession, rng) -> list:
-    session.cipher._send_counter = 5  # as if four messages were dropped on the way
+    for _ in range(5):  # sealed and never sent: as if five messages were dropped on the way
+        session.client.seal_arbitrary_for_testing(b"dropped")
     return [_image_request(session, ctx)]
 
 
@@ -750,8 +749,9 @@ def session_reflected(ctx, session: RawSession, rng) -> list:
     """The enclave's own first result sent back to it as the client's second request."""
     first = _image_request(session, ctx)
     session.connection.send(*first)
-    result = decode_message(session.connection.receive())
-    session.cipher.open(MessageType.SESSION_RESULT, result.counter, result.ciphertext)
+    frame = session.connection.receive()
+    result = decode_message(frame)
+    session.client.receive(frame)  # opened: the client expects the enclave's next counter
     return [(MessageType.SESSION_CLASSIFY, SessionClassify(1, result.ciphertext).to_body())]
 
 

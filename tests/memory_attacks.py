@@ -64,7 +64,7 @@ class AttackResult:
 
 def new_attack_stack(tmp: Path) -> EnclaveStack:
     """The production defaults, with the development authority (no parent server needed)."""
-    return EnclaveStack(tmp, ("--workers", "2"), start_server=False)
+    return EnclaveStack(tmp, (), start_server=False)
 
 
 def reset_peak(stack: EnclaveStack) -> None:

@@ -194,7 +194,7 @@ def test_production_image_loads_the_enclave_without_parent_or_dev_modules(image_
     """Exactly IMAGE_PATHS, the image's interpreter: the app and everything it imports at
     start load, and nothing parent-, training- or development-only is among them."""
     app_dir = copy_image_tree(tmp_path / "app", IMAGE_PATHS)
-    code = ("import sys; import nitrolesion.enclave.app, enclave.service\n"
+    code = ("import sys; import nitrolesion.enclave.app, nitrolesion.enclave.service\n"
             "print('\\n'.join(sorted(m for m in sys.modules if m.startswith(('nitrolesion', 'enclave')))))")
     env = dict(tcp_env(), PYTHONPATH=str(app_dir))
     run = subprocess.run([str(image_venv), "-c", code], cwd=app_dir, env=env,

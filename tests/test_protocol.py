@@ -339,10 +339,8 @@ def test_one_shot_replayed_on_a_new_connection_does_not_decrypt(world):
 def test_authentic_request_without_an_image_gets_a_sealed_error(world):
     client, enclave = ClientSession(), new_enclave(world)
     open_session(world, client, enclave)
-    counter, ciphertext = client._cipher.seal(MessageType.SESSION_CLASSIFY, cbor2.dumps({"img": 1}))
-    client._outstanding.add(counter)
-    event = enclave.receive(Frame(MessageType.SESSION_CLASSIFY,
-                                  cbor2.dumps({"counter": counter, "ciphertext": ciphertext})))
+    _, request = client.seal_arbitrary_for_testing(cbor2.dumps({"img": 1}))
+    event = enclave.receive(request)
     assert isinstance(event, BadRequest) and "expected {'image': bytes}" in event.message
     reply = enclave.result(ResultPayload(event.request, error=(ErrorCode.BAD_MESSAGE, event.message)))
     got = client.receive(reply)

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from enclave.service import WorkerPool
+from nitrolesion.enclave.worker_pool import WorkerPool
 from nitrolesion.errors import Busy
 from nitrolesion.errors import ImageError, NitroLesionError
 from nitrolesion.memory_budget import MemoryBudget

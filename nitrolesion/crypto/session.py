@@ -33,7 +33,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 from Crypto.Random import get_random_bytes
@@ -177,9 +178,12 @@ class SessionCipher:
         self._session_id = bytes(session_id)
         self._role = role
         self._limit = max_messages
-        c2e = (keys.client_to_enclave, DIRECTION_CLIENT_TO_ENCLAVE)
-        e2c = (keys.enclave_to_client, DIRECTION_ENCLAVE_TO_CLIENT)
-        (self._send_key, self._send_dir), (self._recv_key, self._recv_dir) = (
+        # One AESGCM object per direction, key schedule done once: pycryptodome's cipher
+        # object per message cost ~55 us, this ~1 us (bench/protocol_cost.py). Same
+        # algorithm, key, nonce, associated data and 16-byte tag: the bytes are identical.
+        c2e = (AESGCM(keys.client_to_enclave), DIRECTION_CLIENT_TO_ENCLAVE)
+        e2c = (AESGCM(keys.enclave_to_client), DIRECTION_ENCLAVE_TO_CLIENT)
+        (self._send_aead, self._send_dir), (self._recv_aead, self._recv_dir) = (
             (c2e, e2c) if role == "client" else (e2c, c2e))
         self._send_counter = 0
         self._recv_counter = 0
@@ -207,12 +211,10 @@ class SessionCipher:
         """The only counter the next ``open`` will accept."""
         return self._recv_counter
 
-    def _cipher(self, key: bytes, direction: int, msg_type: int, counter: int):
+    def _nonce_and_aad(self, direction: int, msg_type: int, counter: int) -> tuple[bytes, bytes]:
         nonce = struct.pack(">B3xQ", direction, counter)
         aad = SESSION_AAD_LABEL + self._session_id + struct.pack(">BBQ", direction, msg_type, counter)
-        cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_SIZE)
-        cipher.update(aad)
-        return cipher
+        return nonce, aad
 
     def seal(self, msg_type: int, plaintext: bytes) -> tuple[int, bytes]:
         """Encrypt ``plaintext`` as the next message of type ``msg_type`` we send.
@@ -227,10 +229,10 @@ class SessionCipher:
         counter = self._send_counter
         if counter >= self._limit:
             raise CryptoError("session send counter exhausted; open a new session")
-        body, tag = self._cipher(self._send_key, self._send_dir, msg_type,
-                                 counter).encrypt_and_digest(bytes(plaintext))
+        nonce, aad = self._nonce_and_aad(self._send_dir, msg_type, counter)
+        sealed = self._send_aead.encrypt(nonce, bytes(plaintext), aad)  # ciphertext | 16-byte tag
         self._send_counter = counter + 1
-        return counter, body + tag
+        return counter, sealed
 
     def open(self, msg_type: int, counter: int, ciphertext: bytes) -> bytes:
         """Authenticate and decrypt the peer's next message.
@@ -254,11 +256,10 @@ class SessionCipher:
             raise CryptoError("session receive counter exhausted; open a new session")
         if not isinstance(ciphertext, (bytes, bytearray, memoryview)) or len(ciphertext) < TAG_SIZE:
             raise CryptoError(f"session ciphertext shorter than the {TAG_SIZE}-byte tag")
-        data = bytes(ciphertext)
+        nonce, aad = self._nonce_and_aad(self._recv_dir, msg_type, counter)
         try:
-            plaintext = self._cipher(self._recv_key, self._recv_dir, msg_type,
-                                     counter).decrypt_and_verify(data[:-TAG_SIZE], data[-TAG_SIZE:])
-        except (ValueError, KeyError) as exc:
+            plaintext = self._recv_aead.decrypt(nonce, bytes(ciphertext), aad)
+        except InvalidTag as exc:
             raise CryptoError(_OPEN_FAILED) from exc
         self._recv_counter = expected + 1
         return plaintext

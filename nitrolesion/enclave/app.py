@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from enclave.service import (
-    HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.provider import open_attestation_provider
+from nitrolesion.enclave.service import (
+    DEFAULT_WORKERS, HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
@@ -118,11 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dev-attestation", type=Path, metavar="DIR",
                         help="DEVELOPMENT ONLY: sign attestation documents with a local "
                              "development authority kept in DIR instead of /dev/nsm")
-    # 2, not the CPU count: workers decode and deliver around the one interpreter, which
-    # runs on every CPU; 2 measured fastest of 1-4 (bench/pipeline.py --workers N).
-    parser.add_argument("--workers", type=int, default=2,
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="threads that decode images and deliver answers around the one "
-                             "interpreter, which runs on every CPU (default 2)")
+                             "interpreter, which runs on every CPU (default %(default)s, the "
+                             "fastest measured)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
