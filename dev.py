@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
         command = [python, "-m", "pytest", *rest]
     else:
         for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py",
-                       "bench/worker_memory.py"):
+                       "bench/worker_memory.py", "bench/worker_count.py", "bench/fleet.py"):
             print(f"\n$ python {script}", flush=True)
             status = subprocess.run([python, str(ROOT / script)], cwd=ROOT).returncode
             if status:

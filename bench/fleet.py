@@ -30,19 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from bench.machine import OtherCpu, load_line  # noqa: E402
-from bench.pipeline import LocalEnclave  # noqa: E402
-from nitrolesion.attestation.dev_authority import DevAttestationAuthority  # noqa: E402
-from nitrolesion.attestation.trust import load_pem_roots  # noqa: E402
-from nitrolesion.attestation.dev_authority import ROOT_CERT_FILE  # noqa: E402
-from nitrolesion.enclave_image import image_files  # noqa: E402
-from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust  # noqa: E402
-from nitrolesion.parent.fleet import Fleet  # noqa: E402
+from bench.machine import OtherCpu, load_line
+from bench.pipeline import ROOT, LocalEnclave
+from nitrolesion.attestation.dev_authority import DevAttestationAuthority
+from nitrolesion.attestation.trust import load_pem_roots
+from nitrolesion.attestation.dev_authority import ROOT_CERT_FILE
+from nitrolesion.enclave_image import image_files
+from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust
+from nitrolesion.parent.fleet import Fleet
 
 SAMPLES = sorted((ROOT / "sample_images").glob("*.jpg"))
 #: The target of issue 23 for two 1-worker enclaves against one 2-worker enclave.
