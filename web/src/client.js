@@ -12,6 +12,7 @@ export const WINDOW = 4;              // requests in flight, as parent.py classi
 const BUSY_RETRIES = 8;               // re-sends of an image the enclave answered BUSY
 export const MAX_IMAGE_BYTES = 24 * 1024 * 1024 - 64 * 1024;  // wire/messages.py MAX_IMAGE_IN_MESSAGE
 const ANSWER_TIMEOUT_MS = 60_000;
+const REFER_REASONS = ["malignant", "not_a_lesion"];  // wire/messages.py REFER_REASONS
 
 export class RemoteError extends Error {
   constructor(code, message) {
@@ -123,6 +124,12 @@ function checkPayload(value) {
     const r = value.result;
     if (typeof r.code !== "string" || typeof r.name !== "string" || typeof r.confidence !== "number"
       || typeof r.probabilities !== "object" || r.probabilities === null) bad();
+    // Triage, checked as nitrolesion.wire.messages.check_prediction does: the page shows it.
+    if (typeof r.malignant !== "number" || !(r.malignant >= 0 && r.malignant <= 1))
+      throw new ProtocolError("prediction field 'malignant': expected a number in [0, 1]");
+    if (typeof r.refer !== "boolean") throw new ProtocolError("prediction field 'refer': expected true or false");
+    if (r.refer ? !REFER_REASONS.includes(r.refer_reason) : r.refer_reason !== null)
+      throw new ProtocolError(`prediction field 'refer_reason': expected ${r.refer ? REFER_REASONS.join(" or ") : "null"} when refer is ${r.refer}`);
     return value;
   }
   if (!value.error || typeof value.error.code !== "string" || typeof value.error.message !== "string") bad();
