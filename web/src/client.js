@@ -5,6 +5,7 @@ import { encode } from "cbor2";
 import { equal, randomBytes } from "./bytes.js";
 import { verifyAttestation } from "./attestation.js";
 import { ProtocolError, Type, decodeFrame, decodeStrict, encodeFrame, fields } from "./frames.js";
+import { predictionProblem } from "./prediction.js";
 import { SessionCipher, Transcript, checkConfirmation, deriveKeys, openSession } from "./session.js";
 
 const NONCE_SIZE = 32;
@@ -12,7 +13,6 @@ export const WINDOW = 4;              // requests in flight, as parent.py classi
 const BUSY_RETRIES = 8;               // re-sends of an image the enclave answered BUSY
 export const MAX_IMAGE_BYTES = 24 * 1024 * 1024 - 64 * 1024;  // wire/messages.py MAX_IMAGE_IN_MESSAGE
 const ANSWER_TIMEOUT_MS = 60_000;
-const REFER_REASONS = ["malignant", "not_a_lesion"];  // wire/messages.py REFER_REASONS
 
 export class RemoteError extends Error {
   constructor(code, message) {
@@ -121,15 +121,8 @@ function checkPayload(value) {
   const bad = () => { throw new ProtocolError("expected {'request': n, 'result' | 'error': ...}"); };
   if (value === null || typeof value !== "object" || !Number.isInteger(value.request)) bad();
   if (value.result) {
-    const r = value.result;
-    if (typeof r.code !== "string" || typeof r.name !== "string" || typeof r.confidence !== "number"
-      || typeof r.probabilities !== "object" || r.probabilities === null) bad();
-    // Triage, checked as nitrolesion.wire.messages.check_prediction does: the page shows it.
-    if (typeof r.malignant !== "number" || !(r.malignant >= 0 && r.malignant <= 1))
-      throw new ProtocolError("prediction field 'malignant': expected a number in [0, 1]");
-    if (typeof r.refer !== "boolean") throw new ProtocolError("prediction field 'refer': expected true or false");
-    if (r.refer ? !REFER_REASONS.includes(r.refer_reason) : r.refer_reason !== null)
-      throw new ProtocolError(`prediction field 'refer_reason': expected ${r.refer ? REFER_REASONS.join(" or ") : "null"} when refer is ${r.refer}`);
+    const problem = predictionProblem(value.result);
+    if (problem) throw new ProtocolError(problem);
     return value;
   }
   if (!value.error || typeof value.error.code !== "string" || typeof value.error.message !== "string") bad();
