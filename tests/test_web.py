@@ -172,3 +172,54 @@ def test_relay_refuses_a_message_that_is_not_one_frame(web):
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=10)
             assert closed.value.rcvd.reason == reason
+
+
+def _prediction_cases() -> list:
+    """A valid prediction map and mutations of it, each field's type, range and the
+    refer/refer_reason consistency (what the page must refuse as check_prediction does)."""
+    valid = {"code": "mel", "name": "Melanoma", "confidence": 0.6,
+             "probabilities": {"mel": 0.6, "nv": 0.3, "bkl": 0.1},
+             "malignant": 0.62, "refer": True, "refer_reason": "malignant"}
+    changes = [
+        {}, {"refer": False, "refer_reason": None}, {"refer_reason": "not_a_lesion"},
+        {"refer": False}, {"refer": False, "refer_reason": "not_a_lesion"},
+        {"refer_reason": None}, {"refer_reason": "benign"}, {"refer": "true"}, {"refer": 1},
+        {"malignant": 1.5}, {"malignant": -0.1}, {"malignant": "0.5"}, {"malignant": True},
+        {"malignant": None}, {"malignant": 0}, {"malignant": 1},
+        {"confidence": 2}, {"code": 7}, {"code": "x" * 33}, {"name": "é" * 128}, {"name": "é" * 129},
+        {"probabilities": {}}, {"probabilities": []}, {"probabilities": {"mel": 1.1}},
+        {"probabilities": {f"c{i}": 0.05 for i in range(17)}},
+    ]
+    cases = [{**valid, **change} for change in changes]
+    missing = dict(valid)
+    del missing["malignant"]
+    return cases + [missing, {**valid, "extra": 1}, [], None]
+
+
+def test_page_refuses_the_predictions_check_prediction_refuses(tmp_path):
+    """web/src/prediction.js under Node and nitrolesion's check_prediction on the same
+    maps: the same ones accepted, the same message for each one refused."""
+    from nitrolesion.errors import ProtocolError
+    from nitrolesion.wire.messages import check_prediction
+
+    node = shutil.which("node")
+    if not node:
+        pytest.skip("node is not installed: cannot run web/src/prediction.js")
+    cases = _prediction_cases()
+    module = json.dumps((WEB / "src" / "prediction.js").as_uri())
+    script = (f"import {{ predictionProblem }} from {module}; import {{ readFileSync }} from 'node:fs';"
+              " console.log(JSON.stringify(JSON.parse(readFileSync(0, 'utf8')).map(predictionProblem)));")
+    done = subprocess.run([node, "--input-type=module", "-e", script], input=json.dumps(cases),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    page = json.loads(done.stdout)
+    python = []
+    for case in cases:
+        try:
+            check_prediction(case)
+            python.append(None)
+        except ProtocolError as exc:
+            python.append(str(exc))
+    assert sum(p is None for p in python) >= 5 and sum(p is not None for p in python) >= 20
+    for case, js, py in zip(cases, page, python):
+        assert js == py, case

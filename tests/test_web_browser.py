@@ -194,10 +194,31 @@ def test_page_classifies_a_sample_as_parent_classify_does(chromium, stack, site,
     assert probabilities.keys() == expected["probabilities"].keys()
     for code, p in expected["probabilities"].items():
         assert abs(probabilities[code] - p) <= 1e-6, code
+    assert abs(float(shown["malignant"]) - expected["malignant"]) <= 1e-6
+    assert shown["refer"] == ("true" if expected["refer"] else "false")
+    assert shown.get("referReason") == expected["refer_reason"]  # absent when not referred
     from selenium.webdriver.common.by import By
     card = chromium.find_element(By.CSS_SELECTOR, "[data-testid=result]")
     assert expected["label"] in card.text
+    assert ("Refer to a dermatologist" in card.text) == expected["refer"]
     assert "research demonstrator, not a medical device" in chromium.find_element(By.TAG_NAME, "body").text
+
+
+def test_a_photo_that_is_not_a_lesion_is_shown_as_referred_not_a_lesion(chromium, stack, site):
+    """The committed CC0 coffee photo: the page shows refer, reason not_a_lesion, as
+    classify says for it, and tells the person why."""
+    photo = ROOT / "tests" / "fixtures" / "not-a-lesion" / "coffee.jpg"
+    assert open_page(chromium, site.url) == "verified"
+    choose(chromium, [photo])
+    [shown] = results(chromium, 1)
+    expected = classify_json(stack, photo)
+    assert (expected["refer"], expected["refer_reason"]) == (True, "not_a_lesion")
+    assert shown["file"] == photo.name and shown["code"] == expected["code"]
+    assert (shown["refer"], shown["referReason"]) == ("true", "not_a_lesion")
+    assert abs(float(shown["malignant"]) - expected["malignant"]) <= 1e-6
+    from selenium.webdriver.common.by import By
+    card = chromium.find_element(By.CSS_SELECTOR, "[data-testid=result]")
+    assert "Refer to a dermatologist: this may not be a skin lesion" in card.text
 
 
 def test_relay_never_carries_the_image_or_the_result_in_clear(chromium, stack, site, test_image_paths):
@@ -310,12 +331,19 @@ def test_batch_of_ten_with_a_non_image_and_the_csv_download(chromium, stack, sit
     for row in rows:
         expected = cli_by_file[row["file"]]
         assert row["code"] == expected["code"] and row["label"] == expected["label"]
-        for column in ["confidence"] + [c for c in CSV_COLUMNS if c.startswith("p_")]:
+        for column in ["confidence", "malignant"] + [c for c in CSV_COLUMNS if c.startswith("p_")]:
             if expected[column]:
                 assert abs(float(row[column]) - float(expected[column])) <= 1e-6, column
                 if float(row[column]) == float(expected[column]):  # then written as Python does
                     assert row[column] == expected[column], column
+        assert (row["refer"], row["refer_reason"]) == (expected["refer"], expected["refer_reason"])
         assert row["error"].split(":")[0] == expected["error"].split(":")[0]
+    assert {row["refer"] for row in rows} == {"true", "false", ""}  # both answers and the failed file
+    summary, cli_summary = json.loads(provenance["summary"]), json.loads(cli_provenance["summary"])
+    assert summary.keys() == cli_summary.keys()
+    for key in ("images", "classified", "failed", "failed_by_reason", "by_code", "referred"):
+        assert summary[key] == cli_summary[key], key
+    assert summary["referred"] == sum(row["refer"] == "true" for row in rows)
 
     if target := os.environ.get("NITROLESION_WEB_SCREENSHOT"):
         first = chromium.execute_script("return Number(document.body.dataset.firstResultMs)")

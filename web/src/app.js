@@ -1,7 +1,7 @@
 // The clinic's page: attests the enclave and encrypts to it in this browser; the parent host
 // only relays ciphertext. Page contract (tests and tools rely on it): #images,
 // #attestation[data-state, data-check], [data-testid=result][data-file, data-code |
-// data-error, data-confidence, data-refer]. See docs/WEB.md.
+// data-error, data-confidence, data-malignant, data-refer, data-refer-reason]. See docs/WEB.md.
 import "reflect-metadata"; // before anything loads @peculiar/x509 (tsyringe needs it)
 import { fromBase64, hex, sha256 } from "./bytes.js";
 import { AWS_NITRO_ROOT_G1_SHA256 } from "./attestation.js";
@@ -111,13 +111,14 @@ function render(card, file, result, error) {
   card.dataset.probabilities = JSON.stringify(result.probabilities);
   card.append(el("p", { className: "label" }, el("strong", { textContent: result.name }),
     ` (${result.code}), confidence ${(100 * result.confidence).toFixed(1)} %`));
-  if (typeof result.refer === "boolean") {
-    card.dataset.refer = String(result.refer);
-    const why = { malignant: "possible malignancy", not_a_lesion: "may not be a lesion" }[result.refer_reason] || "";
-    card.append(el("p", { className: result.refer ? "refer yes" : "refer" },
-      result.refer ? `Refer to a dermatologist${why ? `: ${why}` : ""}` : "No referral flag",
-      typeof result.malignant === "number" ? ` (malignant ${(100 * result.malignant).toFixed(1)} %)` : ""));
-  }
+  // Triage (client.js checked the fields): refer_reason is null exactly when refer is false.
+  card.dataset.refer = String(result.refer);
+  card.dataset.malignant = String(result.malignant);
+  if (result.refer) card.dataset.referReason = result.refer_reason;
+  const why = { malignant: "possible malignancy", not_a_lesion: "this may not be a skin lesion" }[result.refer_reason];
+  card.append(el("p", { className: result.refer ? "refer yes" : "refer" },
+    result.refer ? `Refer to a dermatologist: ${why}` : "No referral flag",
+    ` (malignant ${(100 * result.malignant).toFixed(1)} %)`));
   card.append(bars(result.probabilities));
 }
 
@@ -152,6 +153,7 @@ async function runBatch(files) {
     page.rows[first + index] = result ? {
       file, code: result.code, label: result.name, confidence: round6(result.confidence),
       probabilities: Object.fromEntries(CODES.map((c) => [c, round6(result.probabilities[c] ?? 0)])),
+      malignant: round6(result.malignant), refer: result.refer, refer_reason: result.refer_reason,
     } : { file, error: { code: error[0], message: error[1] } };
     progress.value += 1;
     $("progress-text").textContent = `${progress.value} / ${files.length}`;

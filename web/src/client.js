@@ -5,6 +5,7 @@ import { encode } from "cbor2";
 import { equal, randomBytes } from "./bytes.js";
 import { verifyAttestation } from "./attestation.js";
 import { ProtocolError, Type, decodeFrame, decodeStrict, encodeFrame, fields } from "./frames.js";
+import { predictionProblem } from "./prediction.js";
 import { SessionCipher, Transcript, checkConfirmation, deriveKeys, openSession } from "./session.js";
 
 const NONCE_SIZE = 32;
@@ -120,9 +121,8 @@ function checkPayload(value) {
   const bad = () => { throw new ProtocolError("expected {'request': n, 'result' | 'error': ...}"); };
   if (value === null || typeof value !== "object" || !Number.isInteger(value.request)) bad();
   if (value.result) {
-    const r = value.result;
-    if (typeof r.code !== "string" || typeof r.name !== "string" || typeof r.confidence !== "number"
-      || typeof r.probabilities !== "object" || r.probabilities === null) bad();
+    const problem = predictionProblem(value.result);
+    if (problem) throw new ProtocolError(problem);
     return value;
   }
   if (!value.error || typeof value.error.code !== "string" || typeof value.error.message !== "string") bad();

@@ -3,7 +3,8 @@
 // numbers written as Python writes floats, so one reader handles both.
 
 export const CODES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"];
-export const CSV_COLUMNS = ["file", "code", "label", "confidence", ...CODES.map((c) => `p_${c}`), "error"];
+export const CSV_COLUMNS = ["file", "code", "label", "confidence", ...CODES.map((c) => `p_${c}`),
+  "malignant", "refer", "refer_reason", "error"];
 export const NOTICE = "research demonstrator, not a medical device";
 
 /** round(x, 6) as Python does it (to the nearest double of the decimal). */
@@ -40,6 +41,7 @@ export function summaryOf(rows, seconds, total = rows.length) {
     failed_by_reason: count(rows.filter((r) => r.error).map((r) => r.error.code)),
     interrupted: total - rows.length, complete: rows.length === total,
     by_code: count(ok.map((r) => r.code)),
+    referred: ok.filter((r) => r.refer).length,
     seconds: Number(seconds.toFixed(3)),
     images_per_second: seconds > 0 ? Number((rows.length / seconds).toFixed(2)) : null,
   };
@@ -58,7 +60,8 @@ export function resultsCsv(rows, provenance, summary) {
     const cells = row.error
       ? [quote(row.file), ...Array(CSV_COLUMNS.length - 2).fill('""'), quote(`${row.error.code}: ${row.error.message}`)]
       : [quote(row.file), quote(row.code), quote(row.label), pyFloat(row.confidence),
-        ...CODES.map((c) => pyFloat(row.probabilities[c])), '""'];
+        ...CODES.map((c) => pyFloat(row.probabilities[c])),
+        pyFloat(row.malignant), quote(row.refer ? "true" : "false"), quote(row.refer_reason || ""), '""'];
     text += cells.join(",") + "\r\n";
   }
   return text;
