@@ -85,11 +85,11 @@ ROOT = Path(__file__).resolve().parents[1]
 from nitrolesion.model.dataset import default_data_dir
 from nitrolesion.model.metrics import summarize
 from nitrolesion.model.preprocess import DEFAULT_INPUT_SIZE
+from train_checkpoint import Checkpoint, load_arrays, save_arrays
 from train_data import (IMAGES_FOLDER, METADATA_FILE, class_codes, class_counts,
                         class_weights, load_images, split_labels)
-from train_export import (VIEW_COUNTS, calibration_images, export_candidates,
+from train_export import (LATENCY_ROUNDS, VIEW_COUNTS, calibration_images, export_candidates,
                           export_tflite, shipped_form, tflite_predict, write_atomically)
-from train_checkpoint import Checkpoint, load_arrays, save_arrays
 from train_network import (BACKBONES, Recipe, add_output_bias, fetch_backbone, fine_tune,
                            mean_weights)
 from train_report import brief, log
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--build", type=Path, default=ROOT / "build", help="scratch folder")
     parser.add_argument("--output", type=Path, default=ROOT / "models" / "lesion_classifier.tflite")
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)  # smoke runs
+    parser.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS,
+                        help=argparse.SUPPRESS)  # smoke runs: 1
     parser.add_argument("--report", type=Path, default=ROOT / "models" / "training_report.json")
     parser.add_argument("--reference", type=Path,
                         default=ROOT / "models" / "lesion_classifier.tflite",
@@ -184,8 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--average-last must be between 0 and --epochs")
     if not (args.lr > 0 and 0 <= args.dropout < 1):
         parser.error("--lr must be positive and --dropout in [0, 1)")
-    if args.limit < 0:
-        parser.error("--limit must be >= 0")
+    if args.limit < 0 or args.latency_rounds < 1:
+        parser.error("--limit must be >= 0, --latency-rounds >= 1")
     return args
 
 
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     keras_val = validation.metrics(form(model), batch_size=16)
     calibration = calibration_images(x["train"], args.seed)
     candidates, reference_ms = export_candidates(model, exported_form, calibration, args.build,
-                                                 x["val"], y["val"], codes, args.reference)
+                                                 x["val"], y["val"], codes, args.reference,
+                                                 args.latency_rounds)
     chosen = choose_file(candidates, reference_ms)
     report.update({
         "history": history,

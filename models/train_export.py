@@ -216,7 +216,8 @@ def paired_latency_ms(paths: list[Path], reference: Path,
 
 def export_candidates(model, form: Callable[[object], object], calibration: np.ndarray,
                       build_dir: Path, x_val: np.ndarray, y_val: np.ndarray,
-                      codes: list[str], reference: Path) -> tuple[dict[str, Candidate], float]:
+                      codes: list[str], reference: Path,
+                      rounds: int = LATENCY_ROUNDS) -> tuple[dict[str, Candidate], float]:
     """Export ``form(model)`` once per :data:`QUANTIZATIONS` entry into ``build_dir``, and
     score each file on validation and time it against the ``reference`` file (the shipped
     model) in the same run (:func:`paired_latency_ms`), so the budget, a ratio to it,
@@ -228,12 +229,13 @@ def export_candidates(model, form: Callable[[object], object], calibration: np.n
         size_bytes = export_tflite(form(model), name, calibration, path)
         metrics = summarize(y_val, tflite_predict(path, x_val), codes)
         exported[name] = (path, size_bytes, metrics)
-    latencies, reference_ms = paired_latency_ms([p for p, _, _ in exported.values()], reference)
+    latencies, reference_ms = paired_latency_ms([p for p, _, _ in exported.values()], reference,
+                                                rounds)
     candidates = {}
     for (name, (path, size_bytes, metrics)), latency in zip(exported.items(), latencies):
         candidates[name] = Candidate(path, size_bytes, metrics, latency)
         log(f"tflite {name}: {size_bytes} bytes, {latency:.1f} ms/image "
             f"({latency / reference_ms:.2f}x {reference.name}), val {brief(metrics)}")
     log(f"reference {reference.name}: {reference_ms:.1f} ms/image (fastest of "
-        f"{LATENCY_ROUNDS} rounds, in turn with the candidates)")
+        f"{rounds} rounds, in turn with the candidates)")
     return candidates, reference_ms

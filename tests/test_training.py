@@ -101,6 +101,7 @@ FLAGS = [
     (["--build"], "build", str(ROOT / "build"), None, "Path", None),
     (["--output"], "output", str(MODELS / "lesion_classifier.tflite"), None, "Path", None),
     (["--limit"], "limit", 0, None, "int", None),
+    (["--latency-rounds"], "latency_rounds", 3, None, "int", None),
     (["--report"], "report", str(MODELS / "training_report.json"), None, "Path", None),
     (["--reference"], "reference", str(MODELS / "lesion_classifier.tflite"), None, "Path", None),
     (["--resume"], "resume", False, None, None, 0),
@@ -135,6 +136,7 @@ def make_data_dir(tmp_path: Path) -> Path:
     (["--probe", "64", "8"], "--size and --probe sizes must be at least 32 pixels"),
     (["--lr", "0"], "--lr must be positive and --dropout in [0, 1)"),
     (["--limit", "-1"], "--limit must be >= 0"),
+    (["--latency-rounds", "0"], "--latency-rounds >= 1"),
     (["--alpha", "x"], "expected a number or 'search'"),
 ])
 def test_usage_errors(tmp_path, capsys, flags, message):
@@ -442,7 +444,8 @@ def test_smallest_training_run_end_to_end(ham_dir, tmp_path):
         sys.executable, str(MODELS / "train.py"), "--data", str(ham_dir), "--limit", "48",
         "--backbone", "lite0", "--size", "32", "--epochs", "2", "--warmup-epochs", "1",
         "--batch", "16", "--average-last", "1", "--alpha", "search", "--probe", "32",
-        "--build", str(build), "--output", str(output), "--report", str(report_path)]
+        "--build", str(build), "--output", str(output), "--report", str(report_path),
+        "--latency-rounds", "1"]
     # Deterministic kernels: with them, train.py's refit check passed on this machine.
     environment = {**os.environ, "TF_DETERMINISTIC_OPS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
