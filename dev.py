@@ -6,6 +6,11 @@
     python3 dev.py test [ARGS...]    # the test suite (pytest ARGS); installs Chromium as root
     python3 dev.py bench             # the benchmark scripts, one after another
 
+``test`` also runs tests/test_training.py's TensorFlow tests when ../shared (the data) is
+present: it creates or refreshes the training virtualenv .venv-train/ from
+models/requirements-train.txt (plus the test tools), and those tests run in it, in a
+subprocess each (NITROLESION_TRAINING_PYTHON tells them where), so none is skipped.
+
 The virtualenv lives in .venv/ and is (re)installed only when a requirements file changed;
 the project itself is installed into it in editable mode (pyproject.toml, reinstalled when
 that file changes), so ``import nitrolesion`` works from any script, test or folder.
@@ -32,6 +37,13 @@ REQUIREMENTS = {"setup": "requirements.txt", "demo": "requirements.txt",
 IMAGE_PINS = ROOT / "enclave" / "requirements.txt"
 #: The oldest Python the image's pins install on (the image itself runs 3.11).
 PINS_PYTHON = (3, 11)
+#: The training virtualenv (TensorFlow, torch CPU): models/requirements-train.txt.
+TRAIN_VENV = ROOT / ".venv-train"
+TRAIN_REQUIREMENTS = ROOT / "models" / "requirements-train.txt"
+#: Where the tests read the dataset unless $HAM10000_DIR says otherwise.
+SHARED_DATA = ROOT.parent / "shared" / "ham10000"
+#: Tells tests/test_training.py which Python runs its TensorFlow tests.
+TRAINING_PYTHON_VARIABLE = "NITROLESION_TRAINING_PYTHON"
 
 
 def venv_python() -> Path:
@@ -135,6 +147,34 @@ def ensure_browser() -> None:
             return
 
 
+def ensure_training_venv() -> Path:
+    """Create .venv-train and install the training requirements, the test tools of
+    requirements-dev.txt and this checkout (editable, no dependencies), unless the same
+    set is already installed. Returns its Python."""
+    python = TRAIN_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    dev = ROOT / "requirements-dev.txt"
+    tools = [line.split("#")[0].strip() for line in dev.read_text().splitlines()]
+    tools = [tool for tool in tools if tool and not tool.startswith("-")]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in
+                                     (TRAIN_REQUIREMENTS, dev, ROOT / "pyproject.toml"))
+                            ).hexdigest()
+    stamp = TRAIN_VENV / ".installed-train"
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    if not python.exists():
+        print(f"dev.py: creating {TRAIN_VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(TRAIN_VENV)
+    print(f"dev.py: installing {TRAIN_REQUIREMENTS.relative_to(ROOT)} into {TRAIN_VENV}",
+          flush=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    for command in ([*pip, "-r", str(TRAIN_REQUIREMENTS), *tools],
+                    [*pip, "--no-deps", "--editable", str(ROOT)]):
+        if subprocess.run(command).returncode:
+            sys.exit(f"dev.py: installing into {TRAIN_VENV} failed (pip's message above)")
+    stamp.write_text(digest)
+    return python
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):
         print("dev.py: Python 3.10 or newer is required", file=sys.stderr)
@@ -159,6 +199,10 @@ def main(argv: list[str]) -> int:
     elif job == "test":
         ensure_browser()
         command = [python, "-m", "pytest", *rest]
+        data = Path(os.environ.get("HAM10000_DIR", SHARED_DATA))
+        if data.is_dir():  # CI has it: the training tests run too, in their own venv
+            environment = {**os.environ, TRAINING_PYTHON_VARIABLE: str(ensure_training_venv())}
+            return subprocess.run(command, cwd=ROOT, env=environment).returncode
     else:
         for script in ("bench/model_latency.py", "bench/attestation.py", "bench/pipeline.py",
                        "bench/worker_memory.py", "bench/worker_count.py", "bench/fleet.py"):

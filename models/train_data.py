@@ -90,6 +90,14 @@ def augment_dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int):
         image = tf.clip_by_value(image, 0.0, 1.0) * 2.0 - 1.0
         return image, label
 
-    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed,
-                                                             reshuffle_each_iteration=True)
+    # The pipeline holds its own copy of the images: as the 0..255 bytes they came from
+    # (exact: the shared preprocessing maps bytes b to (b - 127.5) / 127.5), a quarter of
+    # the float32 array's size (0.9 instead of 3.6 GB for the training split at 224px).
+    pixels = np.rint(x * 127.5 + 127.5).astype(np.uint8)
+
+    def to_unit_range(image, label):
+        return (tf.cast(image, tf.float32) - 127.5) / 127.5, label
+
+    data = tf.data.Dataset.from_tensor_slices((pixels, y)).shuffle(
+        len(x), seed=seed, reshuffle_each_iteration=True).map(to_unit_range)
     return data.map(augment, num_parallel_calls=2).batch(batch).prefetch(2)

@@ -34,14 +34,20 @@ QUANTIZATIONS = ("int8", "dynamic_range", "float16")
 CALIBRATION_IMAGES = 1000
 
 
-def with_flip_averaging(model, views: str = "flips"):
+def with_flip_averaging(model, views: str = "flips", features: bool = False):
     """``model`` wrapped so it answers the mean of its probabilities over mirror images of
     the input: with ``views="flips"`` the image and its left-right, up-down and both-ways
     mirrors; with ``"mirror"`` the image and its left-right mirror (half the cost, so a
     larger input fits the latency budget). Each set is a group, so the answer does not
     change when the input is mirrored within it; training augments with the same flips,
-    so every view is one the network has learned."""
+    so every view is one the network has learned.
+
+    With ``features`` the wrapper has a second output: the pooled backbone features
+    (layer ``FEATURES_LAYER``) averaged over the same views, for out-of-distribution
+    scores and calibration fitted outside training. Output 0 stays the probabilities."""
     import keras
+
+    from train_network import FEATURES_LAYER
 
     n_views = VIEW_COUNTS[views]
 
@@ -53,23 +59,39 @@ def with_flip_averaging(model, views: str = "flips"):
             [images, width_flipped, keras.ops.flip(images, axis=1),
              keras.ops.flip(width_flipped, axis=1)], axis=0)
 
-    def mean_of_views(probabilities):
-        return keras.ops.mean(keras.ops.reshape(probabilities, (n_views, -1, N_CLASSES)),
-                              axis=0)
+    def mean_of_views(values):
+        return keras.ops.mean(
+            keras.ops.reshape(values, (n_views, -1, keras.ops.shape(values)[-1])), axis=0)
 
     inputs = keras.Input(model.input_shape[1:], name="image")
-    outputs = keras.layers.Lambda(mean_of_views, name="mean_of_views")(
-        model(keras.layers.Lambda(make_views, name="flip_views")(inputs)))
-    return keras.Model(inputs, outputs)
+    batch = keras.layers.Lambda(make_views, name="flip_views")(inputs)
+    if not features:
+        return keras.Model(inputs, keras.layers.Lambda(mean_of_views, name="mean_of_views")(
+            model(batch)))
+    both = keras.Model(model.input, [model.output, model.get_layer(FEATURES_LAYER).output])
+    probabilities, pooled = both(batch)
+    return keras.Model(inputs, [
+        keras.layers.Lambda(mean_of_views, name="mean_of_views")(probabilities),
+        keras.layers.Lambda(mean_of_views, name="mean_features")(pooled)])
 
 
-def shipped_form(tta: str) -> Callable[[object], object]:
+def with_features(model):
+    """The single-view ``model`` with its pooled features as a second output."""
+    import keras
+
+    from train_network import FEATURES_LAYER
+
+    return keras.Model(model.input, [model.output, model.get_layer(FEATURES_LAYER).output])
+
+
+def shipped_form(tta: str, features: bool = False) -> Callable[[object], object]:
     """The function that turns the trained network into the graph that ships: itself for
-    ``tta="none"``, else wrapped by :func:`with_flip_averaging` with those views. Each
+    ``tta="none"``, else wrapped by :func:`with_flip_averaging` with those views; with
+    ``features``, with the pooled features as a second output (what is exported). Each
     call builds a new wrapper, as each export and validation pass does."""
     if tta == "none":
-        return lambda model: model
-    return lambda model: with_flip_averaging(model, tta)
+        return with_features if features else (lambda model: model)
+    return lambda model: with_flip_averaging(model, tta, features)
 
 
 def calibration_images(x_train: np.ndarray, seed: int) -> np.ndarray:
@@ -105,8 +127,33 @@ def export_tflite(model, quantization: str, calibration: np.ndarray | None, path
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     data = converter.convert()
+    if len(model.outputs) > 1:
+        data = order_outputs(data, [tuple(o.shape[1:]) for o in model.outputs])
     write_atomically(path, data)
     return len(data)
+
+
+def order_outputs(data: bytes, shapes: list[tuple]) -> bytes:
+    """The TFLite file ``data`` with its outputs listed in the order of ``shapes`` (the
+    Keras model's outputs, batch dimension left out, all different). The converter orders
+    a file's outputs by its own rule (TensorFlow 2.21 lists a Keras model's outputs last to
+    first), and the enclave reads output 0, which must be the probabilities: so the order
+    is set here and checked."""
+    import tensorflow as tf
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    graph = model.subgraphs[0]
+    by_shape = {tuple(int(d) for d in graph.tensors[i].shape[1:]): int(i) for i in graph.outputs}
+    if sorted(by_shape) != sorted(tuple(s) for s in shapes) or len(by_shape) != len(shapes):
+        raise RuntimeError(f"the file's outputs {sorted(by_shape)} are not the model's {shapes}")
+    graph.outputs = [by_shape[tuple(s)] for s in shapes]
+    ordered = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    interpreter = tf.lite.Interpreter(model_content=ordered)
+    found = [tuple(int(d) for d in o["shape"][1:]) for o in interpreter.get_output_details()]
+    if found != [tuple(s) for s in shapes]:
+        raise RuntimeError(f"outputs ordered {found}, not {shapes}")
+    return ordered
 
 
 def tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
@@ -149,17 +196,46 @@ class Candidate:
     ms_per_image: float
 
 
+#: Timing rounds per file: the reference and the candidates are timed in turn, this many
+#: times, and each keeps its fastest round (other jobs on a shared machine only add time).
+LATENCY_ROUNDS = 3
+
+
+def paired_latency_ms(paths: list[Path], reference: Path,
+                      rounds: int = LATENCY_ROUNDS) -> tuple[list[float], float]:
+    """ms per photo of each of ``paths`` and of the ``reference`` file, timed in turn
+    (reference, each path, reference, ...) for ``rounds`` rounds, the fastest round of each
+    kept: a ratio between figures taken minutes apart on a shared machine measures the
+    load, not the models (one run here timed the same file at 19 and 53 ms)."""
+    times: dict[Path, list[float]] = {path: [] for path in [reference, *paths]}
+    for _ in range(rounds):
+        for path in times:
+            times[path].append(runtime_latency_ms(path))
+    return [min(times[path]) for path in paths], min(times[reference])
+
+
 def export_candidates(model, form: Callable[[object], object], calibration: np.ndarray,
                       build_dir: Path, x_val: np.ndarray, y_val: np.ndarray,
-                      codes: list[str]) -> dict[str, Candidate]:
+                      codes: list[str], reference: Path,
+                      rounds: int = LATENCY_ROUNDS) -> tuple[dict[str, Candidate], float]:
     """Export ``form(model)`` once per :data:`QUANTIZATIONS` entry into ``build_dir``, and
-    score and time each file."""
-    candidates = {}
+    score each file on validation and time it against the ``reference`` file (the shipped
+    model) in the same run (:func:`paired_latency_ms`), so the budget, a ratio to it,
+    compares figures taken under the same load. Returns the candidates and the
+    reference's ms per photo."""
+    exported = {}
     for name in QUANTIZATIONS:
         path = build_dir / f"lesion_classifier.{name}.tflite"
         size_bytes = export_tflite(form(model), name, calibration, path)
         metrics = summarize(y_val, tflite_predict(path, x_val), codes)
-        latency = runtime_latency_ms(path)
+        exported[name] = (path, size_bytes, metrics)
+    latencies, reference_ms = paired_latency_ms([p for p, _, _ in exported.values()], reference,
+                                                rounds)
+    candidates = {}
+    for (name, (path, size_bytes, metrics)), latency in zip(exported.items(), latencies):
         candidates[name] = Candidate(path, size_bytes, metrics, latency)
-        log(f"tflite {name}: {size_bytes} bytes, {latency:.1f} ms/image, val {brief(metrics)}")
-    return candidates
+        log(f"tflite {name}: {size_bytes} bytes, {latency:.1f} ms/image "
+            f"({latency / reference_ms:.2f}x {reference.name}), val {brief(metrics)}")
+    log(f"reference {reference.name}: {reference_ms:.1f} ms/image (fastest of "
+        f"{rounds} rounds, in turn with the candidates)")
+    return candidates, reference_ms
