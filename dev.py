@@ -98,10 +98,10 @@ DEV_IMPORT_PATHS = (ROOT, ROOT / "tests")
 DEV_PATHS_FILE = "nitrolesion-dev-paths.pth"
 
 
-def write_dev_paths() -> None:
-    """Write DEV_PATHS_FILE into .venv's site-packages (every time: cheap, and it follows
-    a moved checkout)."""
-    site = subprocess.run([str(venv_python()), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+def write_dev_paths(python: Path | None = None) -> None:
+    """Write DEV_PATHS_FILE into the site-packages of ``python``'s venv (.venv by default;
+    every time: cheap, and it follows a moved checkout)."""
+    site = subprocess.run([str(python or venv_python()), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, DEV_PATHS_FILE).write_text("".join(f"{path}\n" for path in DEV_IMPORT_PATHS))
 
@@ -160,6 +160,7 @@ def ensure_training_venv() -> Path:
                             ).hexdigest()
     stamp = TRAIN_VENV / ".installed-train"
     if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        write_dev_paths(python)  # the training tests run bench/model_latency.py there
         return python
     if not python.exists():
         print(f"dev.py: creating {TRAIN_VENV}", flush=True)
@@ -171,6 +172,7 @@ def ensure_training_venv() -> Path:
                     [*pip, "--no-deps", "--editable", str(ROOT)]):
         if subprocess.run(command).returncode:
             sys.exit(f"dev.py: installing into {TRAIN_VENV} failed (pip's message above)")
+    write_dev_paths(python)
     stamp.write_text(digest)
     return python
 
