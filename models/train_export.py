@@ -181,7 +181,7 @@ def runtime_latency_ms(path: Path) -> float:
     the latter.
     """
     result = subprocess.run(
-        [sys.executable, str(MODEL_LATENCY_SCRIPT), "--json", "--images", "40",
+        [sys.executable, str(MODEL_LATENCY_SCRIPT), "--json", "--model-only", "--images", "40",
          "--model", str(path)], check=True, capture_output=True, text=True)
     return float(json.loads(result.stdout.strip().splitlines()[-1])["full_mean"])
 
