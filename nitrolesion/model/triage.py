@@ -33,7 +33,7 @@ from nitrolesion.errors import ModelError
 from nitrolesion.model.labels import CODES
 
 #: The file format written by models/fit_triage.py; another value is refused.
-TRIAGE_FORMAT = "nitrolesion-triage/1"
+TRIAGE_FORMAT = "nitrolesion-triage/2"
 #: The one out-of-distribution method this runtime implements.
 OOD_METHOD = "mahalanobis-tied-min"
 #: What ``refer_reason`` may be (besides None).
@@ -136,7 +136,10 @@ class Triage:
         return Assessment(calibrated, malignant, ood, reason is not None, reason)
 
     def save(self, path: Path) -> None:
-        """Write the triage file (``np.savez``; read back with :func:`load_triage`)."""
+        """Write the triage file (``np.savez``; read back with :func:`load_triage`).
+
+        The precision matrix is symmetric, so only its upper triangle is stored (half the
+        file: the model, not its triage, is the repository's one large file)."""
         with open(path, "wb") as out:
             np.savez(out, format=np.array(TRIAGE_FORMAT),
                      model_sha256=np.array(self.model_sha256),
@@ -146,7 +149,9 @@ class Triage:
                      ood_method=np.array(self.ood_method),
                      ood_threshold=np.float64(self.ood_threshold),
                      class_means=self.class_means.astype(np.float64),
-                     precision=self.precision.astype(np.float32))  # as the runtime uses it
+                     # float32 as the runtime uses it; rebuilt exactly by load_triage
+                     precision_upper=self.precision.astype(np.float32)[
+                         np.triu_indices(len(self.precision))])
 
 
 def temperature_scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -187,13 +192,18 @@ def load_triage(path: Path, model_bytes: bytes) -> Triage:
             if not malignant or len(set(malignant)) != len(malignant) or not set(malignant) <= set(CODES):
                 raise ValueError(f"malignant classes {malignant} are not distinct codes of {CODES}")
             means = np.asarray(entries["class_means"], dtype=np.float64)
-            precision = np.asarray(entries["precision"])
-            if precision.dtype not in (np.float32, np.float64):
-                raise ValueError(f"precision has dtype {precision.dtype}")
+            upper = np.asarray(entries["precision_upper"])
+            if upper.dtype not in (np.float32, np.float64):
+                raise ValueError(f"precision has dtype {upper.dtype}")
             if means.ndim != 2 or not 0 < means.shape[1] <= MAX_FEATURES or not means.shape[0]:
                 raise ValueError(f"class_means has shape {means.shape}")
-            if precision.shape != (means.shape[1],) * 2:
-                raise ValueError(f"precision has shape {precision.shape} for {means.shape[1]} features")
+            width = means.shape[1]
+            if upper.shape != (width * (width + 1) // 2,):
+                raise ValueError(f"precision has shape {upper.shape}, not the upper triangle of "
+                                 f"a {width}x{width} matrix for {width} features")
+            precision = np.zeros((width, width), dtype=upper.dtype)
+            precision[np.triu_indices(width)] = upper
+            precision = np.triu(precision) + np.triu(precision, 1).T
             if not (np.isfinite(means).all() and np.isfinite(precision).all()):
                 raise ValueError("class_means or precision is not finite")
             triage = Triage(
