@@ -155,30 +155,31 @@ def test_full_queue_is_busy_at_once(model, test_image_paths):
     assert got[0][1] is None and got[1][1] is None and 2 not in got
 
 
-def test_no_memory_to_decode_is_busy_and_never_fitting_is_bad_image(model, test_image_paths):
-    image = test_image_paths[0].read_bytes()
-    tiny = MemoryBudget(1024)  # less than any image decodes to
-    pool = new_pool(model, workers=1, budget=tiny)
-    answers = Answers()
-    try:
-        pool.submit(image, answers.done_for(0))
-        got = answers.wait(1)
-    finally:
-        pool.close()
-    assert got[0][0] is None and isinstance(got[0][1], ImageError)
-    assert "budget" in str(got[0][1]) and tiny.used == 0
-
-    budget = MemoryBudget(BUDGET)
-    held = budget.try_reserve(BUDGET - 1024)  # someone else holds nearly all of it
+def answer_with_budget(model, image: bytes, budget: MemoryBudget):
+    """The one answer a one-worker pool on ``budget`` gives for ``image``."""
     pool = new_pool(model, workers=1, budget=budget)
     answers = Answers()
     try:
         pool.submit(image, answers.done_for(0))
-        got = answers.wait(1)
+        return answers.wait(1)[0]
+    finally:
+        pool.close()
+
+
+def test_no_memory_to_decode_is_busy_and_never_fitting_is_bad_image(model, test_image_paths):
+    image = test_image_paths[0].read_bytes()
+    tiny = MemoryBudget(1024)  # less than any image decodes to
+    got = answer_with_budget(model, image, tiny)
+    assert got[0] is None and isinstance(got[1], ImageError)
+    assert "budget" in str(got[1]) and tiny.used == 0
+
+    budget = MemoryBudget(BUDGET)
+    held = budget.try_reserve(BUDGET - 1024)  # someone else holds nearly all of it
+    try:
+        got = answer_with_budget(model, image, budget)
     finally:
         held.release()
-        pool.close()
-    assert got[0][0] is None and isinstance(got[0][1], Busy)
+    assert got[0] is None and isinstance(got[1], Busy)
 
 
 def test_interpreter_failure_is_an_internal_error_for_that_job_only(model, reference,
