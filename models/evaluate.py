@@ -13,7 +13,10 @@ sensitivity and specificity, melanoma sensitivity at the refer threshold, the ma
 score's ROC-AUC, the share flagged "not a lesion"), and 95 % confidence intervals for the
 headline and triage figures and per-class recalls (a bootstrap over lesions within each
 diagnosis; ``--bootstrap 0`` skips it). The probabilities are the calibrated ones the
-enclave returns (the model's triage file beside it).
+enclave returns (the model's triage file beside it); ``--no-triage`` scores the model's own
+probabilities instead, for a fresh training export that has no triage file yet (no triage
+figures, no ``malignant``/``refer`` columns): the paired validation comparison of two
+candidates (models/compare.py) reads such files.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="enlarge each image N times (bicubic, JPEG q95) before classifying, "
                              "to check full-resolution inputs")
     parser.add_argument("--confusion-png", type=Path, help="also draw the confusion matrix here")
+    parser.add_argument("--no-triage", action="store_true",
+                        help="score the model's uncalibrated probabilities without a triage "
+                             "file (a fresh training export); no triage figures or columns")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                         help="resamples for the 95%% confidence intervals (default 2000, about "
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit must be >= 0")
 
     try:
-        model = LesionModel(args.model, args.labels)
+        model = LesionModel(args.model, args.labels, triage=not args.no_triage)
         classifier = model.new_classifier()
         records = read_metadata(metadata)
     except (NitroLesionError, ValueError, OSError) as exc:
@@ -164,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.upscale > 1:
                 data = upscaled(data, args.upscale)
-            prediction = classifier.classify(data)
+            output = classifier.predict_array(classifier.preprocess(data))
+            prediction = None if args.no_triage else classifier.prediction_from(output)
         except NitroLesionError as exc:
             failed.append({"image_id": record.image_id, "error": str(exc)})
             continue
         y_true.append(codes.index(record.dx))
         lesions.append(record.lesion_id)
         image_ids.append(record.image_id)
+        if prediction is None:
+            probs.append(list(output.probabilities))
+            continue
         probs.append([prediction.probabilities[c] for c in codes])
         malignant.append(prediction.malignant)
         refer.append(prediction.refer)
@@ -184,16 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     malignant, refer = np.array(malignant), np.array(refer, dtype=bool)
     summary = summarize(y_true, probs, codes)
     summary["calibration"] = calibration(y_true, probs)
-    summary["triage"] = {
-        "refer_threshold": model.triage.refer_threshold,
-        "temperature": model.triage.temperature,
-        **triage_figures(y_true, malignant, refer, codes),
-        "not_a_lesion_flagged": float(np.mean(not_a_lesion)),
-    }
+    triage = model.triage is not None
+    if triage:
+        summary["triage"] = {
+            "refer_threshold": model.triage.refer_threshold,
+            "temperature": model.triage.temperature,
+            **triage_figures(y_true, malignant, refer, codes),
+            "not_a_lesion_flagged": float(np.mean(not_a_lesion)),
+        }
+    else:
+        summary["triage"] = None  # --no-triage: the model's own probabilities
+
+    def figures(at: np.ndarray) -> dict[str, float]:
+        headline = headline_figures(y_true[at], probs[at], codes)
+        if not triage:
+            return headline
+        return {**headline, **triage_figures(y_true[at], malignant[at], refer[at], codes)}
+
     if args.bootstrap:
-        intervals = lesion_bootstrap(lambda at: {**headline_figures(y_true[at], probs[at], codes),
-                                                 **triage_figures(y_true[at], malignant[at],
-                                                                  refer[at], codes)},
+        intervals = lesion_bootstrap(figures,
                                      y_true, lesions, args.bootstrap, args.bootstrap_seed,
                                      CONFIDENCE_LEVEL)
         summary["confidence_intervals"] = {
@@ -224,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
     }
     if args.predictions:
-        write_predictions(args.predictions, Predictions(image_ids, codes, probs, malignant, refer))
+        write_predictions(args.predictions, Predictions(
+            image_ids, codes, probs, *((malignant, refer) if triage else (None, None))))
     if args.confusion_png:
         render_confusion_png(summary["confusion_matrix"]["rows_true_cols_predicted"], codes,
                              args.confusion_png,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,34 @@ def test_evaluate_cli_prints_summary_and_writes_predictions(tmp_path, ham_dir):
         <= intervals["refer_specificity"][1]
     matrix = summary["confusion_matrix"]["rows_true_cols_predicted"]
     assert sum(map(sum, matrix)) == 60
+
+
+def test_evaluate_cli_without_triage_scores_a_fresh_export(tmp_path, ham_dir):
+    """A training export has no triage file yet: evaluate refuses it, and with --no-triage
+    scores its own (uncalibrated) probabilities, with no triage columns, as compare.py
+    reads them for a paired validation comparison."""
+    model = tmp_path / "fresh.tflite"
+    shutil.copyfile(DEFAULT_MODEL_PATH, model)
+    command = [sys.executable, str(ROOT / "models" / "evaluate.py"), "--split", "val",
+               "--limit", "6", "--bootstrap", "20", "--model", str(model)]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert refused.returncode == 2 and "no triage file" in refused.stderr
+    out = tmp_path / "val.csv"
+    run = subprocess.run([*command, "--no-triage", "--predictions", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["triage"] is None and summary["n_images"] == 6
+    assert "refer_sensitivity" not in summary["confidence_intervals"]
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["image_id", "predicted"] + [f"p_{c}" for c in CODES]
+    raw = LesionModel(model, triage=False).new_classifier()
+    for row in rows:
+        data = image_path(ham_dir / "images", row["image_id"]).read_bytes()
+        probabilities = raw.predict_array(raw.preprocess(data)).probabilities
+        assert [float(row[f"p_{c}"]) for c in CODES] == pytest.approx(list(probabilities),
+                                                                     abs=1e-6)
 
 
 def test_evaluate_cli_flags_intervals_that_collapse(tmp_path, ham_dir, classifier):
