@@ -91,10 +91,31 @@ def test_one_interpreter_whatever_the_worker_count(model, monkeypatch):
         pool.close()
 
 
-def test_answers_equal_the_in_process_classifier(model, reference, many_image_paths):
+def test_interpreters_share_out_the_cpus(model, monkeypatch):
+    # --interpreters N: N interpreters, the usable CPUs divided among them (at least 1 each).
+    made = []
+    original = LesionModel.new_classifier
+
+    def counting(self, num_threads=1):
+        made.append(num_threads)
+        return original(self, num_threads)
+
+    monkeypatch.setattr(LesionModel, "new_classifier", counting)
+    pool = new_pool(model, workers=3, interpreters=2)
+    try:
+        assert made == [max(1, usable_cpus() // 2)] * 2
+        assert len(pool._inference) == 2
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="at least one interpreter"):
+        new_pool(model, interpreters=0)
+
+
+@pytest.mark.parametrize("interpreters", [1, 2])
+def test_answers_equal_the_in_process_classifier(model, reference, many_image_paths, interpreters):
     images = [path.read_bytes() for path in many_image_paths[:40]]
     expected = [reference.classify(image) for image in images]
-    pool = new_pool(model, workers=3, queue_size=len(images))
+    pool = new_pool(model, workers=3, queue_size=len(images), interpreters=interpreters)
     answers = Answers()
     try:
         submitters = [threading.Thread(target=lambda part=part: [
@@ -209,13 +230,15 @@ def test_interpreter_failure_is_an_internal_error_for_that_job_only(model, refer
     assert got[1][1] is None and same(got[1][0], reference.classify(image))
 
 
-def test_close_answers_every_queued_job_then_stops_every_thread(model, test_image_paths):
+@pytest.mark.parametrize("interpreters", [1, 2])
+def test_close_answers_every_queued_job_then_stops_every_thread(model, test_image_paths,
+                                                                interpreters):
     images = [path.read_bytes() for path in test_image_paths]
-    pool = new_pool(model, workers=2, queue_size=len(images))
+    pool = new_pool(model, workers=2, queue_size=len(images), interpreters=interpreters)
     answers = Answers()
     for number, image in enumerate(images):
         pool.submit(image, answers.done_for(number))
     pool.close()  # returns only once queued jobs are answered
     assert sorted(answers.got) == list(range(len(images)))
     assert all(error is None for _, error in answers.got.values())
-    assert not any(thread.is_alive() for thread in [*pool._threads, pool._inference])
+    assert not any(thread.is_alive() for thread in [*pool._threads, *pool._inference])

@@ -37,7 +37,7 @@ from nitrolesion.enclave.connection import ConnectionHandler
 from nitrolesion.enclave.parent_link import ParentLink
 from nitrolesion.enclave.worker_pool import WorkerPool
 
-__all__ = ["DEFAULT_WORKERS", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
+__all__ = ["DEFAULT_INTERPRETERS", "DEFAULT_WORKERS", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
            "ServiceConfig"]
 
 log = logging.getLogger("enclave")
@@ -60,6 +60,10 @@ MAX_CONNECTIONS = 64
 #: decodes it ahead. 3 measured fastest of 1-4 (bench/worker_count.py, docs/PERFORMANCE.md);
 #: each worker costs ~1.5 MiB.
 DEFAULT_WORKERS = 3
+#: TFLite interpreters the workers share. One, on every CPU: each further one costs ~31 MiB
+#: (its own activations and weights; issue 19 allows 10 MiB per worker) and on 2 CPUs buys
+#: ~10 % more images/s (docs/PERFORMANCE.md); ``--interpreters 2`` trades the memory for it.
+DEFAULT_INTERPRETERS = 1
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
@@ -79,6 +83,7 @@ class ServiceConfig:
     client_port: int
     parent_port: int
     workers: int = DEFAULT_WORKERS
+    interpreters: int = DEFAULT_INTERPRETERS
     queue_size: int = 16
     max_connections: int = MAX_CONNECTIONS
     io_timeout: float = IO_TIMEOUT
@@ -103,7 +108,8 @@ class EnclaveService:
         self.public_key = public_key_der(self._private_key)
         self.budget = MemoryBudget(config.memory_budget)
         self.pool = WorkerPool(model, config.workers, config.queue_size,
-                               config.max_image_bytes, config.max_image_pixels, self.budget)
+                               config.max_image_bytes, config.max_image_pixels, self.budget,
+                               interpreters=config.interpreters)
         self._stopping = threading.Event()
         self.parent = ParentLink(
             endpoint_for(config.transport, config.parent_cid, config.parent_port, config.host),
