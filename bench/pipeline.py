@@ -59,7 +59,7 @@ from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, usable
 from nitrolesion.model.dataset import default_data_dir, load_split
 from nitrolesion.model.labels import CODES
 from nitrolesion.transport import TcpEndpoint
-from nitrolesion.enclave.service import DEFAULT_INTERPRETERS, MAX_CONNECTIONS
+from nitrolesion.enclave.service import MAX_CONNECTIONS, default_interpreters
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY
 from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthroughput in images/s, best of {args.rounds} round(s); in brackets every round, "
           "with the share of the CPUs other processes took during it;\n"
           f"batch = client -> TCP -> enclave, window {args.window}, {workers} workers, "
-          f"{args.interpreters or DEFAULT_INTERPRETERS} interpreter(s)")
+          f"{args.interpreters or default_interpreters()} interpreter(s)")
     names = [name for name, _ in configs]
     measured = {(n, name): [run for runs in baselines[n] for run in runs if run.name == name]
                 for n in counts for name in names}

@@ -1,4 +1,4 @@
-"""The enclave's WorkerPool in-process: one interpreter whatever the worker count, answers
+"""The enclave's WorkerPool in-process: its interpreters whatever the worker count, answers
 equal to the in-process classifier's, and per-job failures that leave the pool serving.
 
 The pool is driven directly (no sockets, no protocol); test_service_concurrency.py covers
@@ -242,3 +242,12 @@ def test_close_answers_every_queued_job_then_stops_every_thread(model, test_imag
     assert sorted(answers.got) == list(range(len(images)))
     assert all(error is None for _, error in answers.got.values())
     assert not any(thread.is_alive() for thread in [*pool._threads, *pool._inference])
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (8, 2)])
+def test_the_enclave_runs_one_interpreter_per_cpu_at_most_two(monkeypatch, cpus, expected):
+    # A second interpreter costs ~29 MiB: worth it on 2+ CPUs (docs/PERFORMANCE.md), not on 1.
+    from nitrolesion.enclave import service
+    monkeypatch.setattr(service, "usable_cpus", lambda: cpus)
+    assert service.default_interpreters() == expected
+    assert service.ServiceConfig("tcp", "127.0.0.1", 3, 1, 2).interpreters == expected

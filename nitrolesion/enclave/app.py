@@ -26,7 +26,8 @@ from pathlib import Path
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.provider import open_attestation_provider
 from nitrolesion.enclave.service import (
-    DEFAULT_INTERPRETERS, DEFAULT_WORKERS, HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
+    DEFAULT_WORKERS, HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig,
+    default_interpreters)
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
@@ -121,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="threads that decode images and deliver answers around the "
                              "interpreters (default %(default)s, the fastest measured)")
-    parser.add_argument("--interpreters", type=int, default=DEFAULT_INTERPRETERS,
+    parser.add_argument("--interpreters", type=int, default=default_interpreters(),
                         help="TFLite interpreters, the CPUs shared out between them (default "
-                             "%(default)s, on every CPU); each further one costs ~31 MiB and "
-                             "on 2 CPUs 2 run ~10%% faster than 1 (docs/PERFORMANCE.md)")
+                             "here %(default)s; 2, or 1 on one CPU); each beyond the first costs "
+                             "~29 MiB; on 2 CPUs 2 ran 7-14%% faster than 1 (docs/PERFORMANCE.md)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,

@@ -27,7 +27,7 @@ from nitrolesion.crypto.envelope import generate_keypair, public_key_der
 from nitrolesion.errors import NitroLesionError, TransportError
 from nitrolesion.limits import ANY_CID
 from nitrolesion.memory_budget import MemoryBudget, budget_for_enclave_memory
-from nitrolesion.model.classifier import LesionModel
+from nitrolesion.model.classifier import LesionModel, usable_cpus
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.protocol import EnclaveSession
 from nitrolesion.transport import FramedConnection, accept, endpoint_for, listen
@@ -37,7 +37,7 @@ from nitrolesion.enclave.connection import ConnectionHandler
 from nitrolesion.enclave.parent_link import ParentLink
 from nitrolesion.enclave.worker_pool import WorkerPool
 
-__all__ = ["DEFAULT_INTERPRETERS", "DEFAULT_WORKERS", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
+__all__ = ["DEFAULT_INTERPRETERS", "DEFAULT_WORKERS", "default_interpreters", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
            "ServiceConfig"]
 
 log = logging.getLogger("enclave")
@@ -60,10 +60,20 @@ MAX_CONNECTIONS = 64
 #: decodes it ahead. 3 measured fastest of 1-4 (bench/worker_count.py, docs/PERFORMANCE.md);
 #: each worker costs ~1.5 MiB.
 DEFAULT_WORKERS = 3
-#: TFLite interpreters the workers share. One, on every CPU: each further one costs ~31 MiB
-#: (its own activations and weights; issue 19 allows 10 MiB per worker) and on 2 CPUs buys
-#: ~10 % more images/s (docs/PERFORMANCE.md); ``--interpreters 2`` trades the memory for it.
-DEFAULT_INTERPRETERS = 1
+#: TFLite interpreters the workers share, at most (fewer on fewer CPUs: default_interpreters).
+#: Two single-threaded interpreters ran 7-14 % faster than one on both CPUs, in-process and
+#: through the enclave (bench/pipeline.py: 0.97-1.01x of the best in-process configuration
+#: against 0.87-0.94x, docs/PERFORMANCE.md): one interpreter on two threads waits for both at
+#: every layer. The second costs ~29 MiB, once, whatever --workers is (its own activations,
+#: ~19 MiB, and its own packed weights: sharing those, XNNPACK's weight cache, comes only
+#: with LiteRT's CompiledModel, whose run holds the GIL, bench/weight_cache.py).
+DEFAULT_INTERPRETERS = 2
+
+
+def default_interpreters() -> int:
+    """``DEFAULT_INTERPRETERS``, but no more than the CPUs this process may use: a second
+    interpreter on one CPU would cost its memory and buy nothing."""
+    return max(1, min(DEFAULT_INTERPRETERS, usable_cpus()))
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
@@ -83,7 +93,7 @@ class ServiceConfig:
     client_port: int
     parent_port: int
     workers: int = DEFAULT_WORKERS
-    interpreters: int = DEFAULT_INTERPRETERS
+    interpreters: int = field(default_factory=default_interpreters)
     queue_size: int = 16
     max_connections: int = MAX_CONNECTIONS
     io_timeout: float = IO_TIMEOUT

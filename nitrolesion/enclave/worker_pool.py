@@ -39,16 +39,17 @@ class WorkerPool:
     never waits for decoding, and a client slow to read its answers holds one worker, not
     an interpreter.
 
-    Why this layout (measured by bench/pipeline.py and bench/worker_memory.py):
-    - interpreters are not per worker: each holds ~31 MiB (~19 MiB of activations for the
+    Why this layout (measured by bench/pipeline.py, bench/worker_memory.py and
+    bench/weight_cache.py; docs/PERFORMANCE.md):
+    - interpreters are not per worker: each holds ~29 MiB (~19 MiB of activations for the
       four mirror views, the float16 weights expanded and packed as float32), so a worker
       is a thread and one preprocessed image (~1.5 MiB);
-    - one interpreter by default (``DEFAULT_INTERPRETERS`` in service.py): the memory
-      target. Two single-threaded ones run ~10 % faster on 2 CPUs than one on both (no
-      barrier between the two CPUs at every layer), for ~31 MiB more; the runtime's
-      weight cache, which would share the packed weights, only comes with its CompiledModel
-      API, whose run holds the GIL (docs/PERFORMANCE.md);
-    - one thread owns each interpreter: workers that took turns on the interpreter under a
+    - the enclave runs 2 single-threaded interpreters on 2 CPUs (service.py's
+      ``default_interpreters``): 7-14 % faster than one on both CPUs, which waits for both
+      at every layer; the second costs its ~29 MiB once, whatever the worker count. Sharing
+      the packed weights (XNNPACK's weight cache) is only offered by LiteRT's CompiledModel,
+      whose run holds the GIL, and would leave ~19 MiB of activations per interpreter;
+    - one thread owns each interpreter: workers that took turns on an interpreter under a
       lock were 15-25 % slower in-process than one thread invoking while another decodes
       ahead.
     """
