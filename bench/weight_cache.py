@@ -5,7 +5,7 @@ without LiteRT's XNNPACK weight cache, and whether two of them run in parallel.
 
 Each layout is built in a fresh child process of its own (so nothing is shared by accident)
 and runs one image on each of its models; the child then reports what the models added to
-the process since the model bytes were read, from /proc/self/smaps: RSS (counts a page of
+the process since the model bytes were read and the runtime imported, from /proc/self/smaps: RSS (counts a page of
 a file mapped twice twice), PSS (a shared page divided among its mappings, so the two
 mappings of the cache file count it once), USS (pages only this process maps), and the
 *real* cost: PSS outside the cache file + the whole cache file, which on a tmpfs (in the
@@ -56,7 +56,9 @@ def smaps(cache: str) -> dict[str, float]:
         if not fields[0].endswith(":"):  # a mapping's header line: address range ... path
             in_cache = bool(cache) and line.endswith(cache)
             continue
-        key, kib = fields[0][:-1], int(fields[1]) / 1024 if len(fields) > 1 else 0
+        if fields[-1] != "kB":  # VmFlags and the like
+            continue
+        key, kib = fields[0][:-1], int(fields[1]) / 1024
         if key in ("Rss", "Pss"):
             totals[key] += kib
         if key in ("Private_Clean", "Private_Dirty"):
@@ -109,6 +111,8 @@ def build(layout: str, model_bytes: bytes, cache: str):
 def child(layout: str, cache: str, runs: int) -> dict:
     """One layout in this (fresh) process: its memory, outputs and speed."""
     model_bytes = DEFAULT_MODEL_PATH.read_bytes()
+    import ai_edge_litert.compiled_model  # noqa: F401  the libraries are not the models' cost
+    import ai_edge_litert.interpreter  # noqa: F401
     before = smaps(cache)
     models, run = build(layout, model_bytes, cache)
     outputs = [run(model).tolist() for model in models]
