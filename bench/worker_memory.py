@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from bench.machine import load_line
 from bench.pipeline import LocalEnclave, image_counts, load_images, mismatches, run_batch
+from nitrolesion.enclave.service import default_interpreters
 from nitrolesion.model.classifier import LesionModel
 
 #: Issue 19: each worker beyond the first costs at most this much.
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.node()}: {os.cpu_count()} CPUs; app {args.app}")
     print(load_line("start", timings=False))
     print(f"images: {source}; 2 x workers requests in flight; "
-          f"{args.interpreters or 'the default number of'} interpreter(s)")
+          f"{args.interpreters or default_interpreters()} interpreter(s)")
     rows, wrong = [], 0
     for workers in args.workers:
         ready, after, peak, differ = measure(
