@@ -67,9 +67,14 @@ def same(prediction, expected) -> bool:
         abs(prediction.probabilities[c] - expected.probabilities[c]) <= TOLERANCE for c in CODES)
 
 
-def test_one_interpreter_whatever_the_worker_count(model, monkeypatch):
+@pytest.mark.parametrize("options, expected", [
+    ({"workers": 4}, lambda cpus: [cpus]),  # one interpreter on every CPU
+    ({"workers": 3, "inference_threads": 1}, lambda cpus: [1]),
+    ({"workers": 3, "interpreters": 2}, lambda cpus: [max(1, cpus // 2)] * 2),  # CPUs shared out
+])
+def test_interpreters_whatever_the_worker_count(model, monkeypatch, options, expected):
     # Each interpreter holds ~29 MiB (bench/worker_memory.py), so workers must not each
-    # make one: the pool makes exactly one, on every CPU by default.
+    # make one: the pool makes exactly ``interpreters`` (default 1), each on its own thread.
     made = []
     original = LesionModel.new_classifier
 
@@ -78,35 +83,15 @@ def test_one_interpreter_whatever_the_worker_count(model, monkeypatch):
         return original(self, num_threads)
 
     monkeypatch.setattr(LesionModel, "new_classifier", counting)
-    pool = new_pool(model, workers=4)
+    pool = new_pool(model, **options)
     try:
-        assert made == [usable_cpus()]
-    finally:
-        pool.close()
-    made.clear()
-    pool = new_pool(model, workers=3, inference_threads=1)
-    try:
-        assert made == [1]
+        assert made == expected(usable_cpus())
+        assert len(pool._inference) == len(made)
     finally:
         pool.close()
 
 
-def test_interpreters_share_out_the_cpus(model, monkeypatch):
-    # --interpreters N: N interpreters, the usable CPUs divided among them (at least 1 each).
-    made = []
-    original = LesionModel.new_classifier
-
-    def counting(self, num_threads=1):
-        made.append(num_threads)
-        return original(self, num_threads)
-
-    monkeypatch.setattr(LesionModel, "new_classifier", counting)
-    pool = new_pool(model, workers=3, interpreters=2)
-    try:
-        assert made == [max(1, usable_cpus() // 2)] * 2
-        assert len(pool._inference) == 2
-    finally:
-        pool.close()
+def test_a_pool_without_interpreters_is_refused(model):
     with pytest.raises(ValueError, match="at least one interpreter"):
         new_pool(model, interpreters=0)
 

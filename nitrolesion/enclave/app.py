@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "interpreters (default %(default)s, the fastest measured)")
     parser.add_argument("--interpreters", type=int, default=default_interpreters(),
                         help="TFLite interpreters, the CPUs shared out between them (default "
-                             "here %(default)s; 2, or 1 on one CPU); each beyond the first costs "
-                             "~29 MiB; on 2 CPUs 2 ran 7-14%% faster than 1 (docs/PERFORMANCE.md)")
+                             "here %(default)s: 2, 1 on a one-CPU machine); each beyond the first costs "
+                             "~29 MiB; on 2 CPUs 2 reached 0.96-1.03x of the best in-process rate, "
+                             "1 0.87-0.94x (docs/PERFORMANCE.md)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,

@@ -61,10 +61,10 @@ MAX_CONNECTIONS = 64
 #: each worker costs ~1.5 MiB.
 DEFAULT_WORKERS = 3
 #: TFLite interpreters the workers share, at most (fewer on fewer CPUs: default_interpreters).
-#: Two single-threaded interpreters ran 7-14 % faster than one on both CPUs, in-process and
-#: through the enclave (bench/pipeline.py: 0.97-1.01x of the best in-process configuration
-#: against 0.87-0.94x, docs/PERFORMANCE.md): one interpreter on two threads waits for both at
-#: every layer. The second costs ~29 MiB, once, whatever --workers is (its own activations,
+#: On 2 CPUs, two single-threaded interpreters classified 11-17 % more images/s in-process
+#: than one on both CPUs, which waits for both at every layer; through the enclave they
+#: reach 0.96-1.03x of the best in-process configuration, one 0.87-0.94x (bench/pipeline.py,
+#: docs/PERFORMANCE.md). The second costs ~29 MiB, once, whatever --workers is (its own activations,
 #: ~19 MiB, and its own packed weights: sharing those, XNNPACK's weight cache, comes only
 #: with LiteRT's CompiledModel, whose run holds the GIL, bench/weight_cache.py).
 DEFAULT_INTERPRETERS = 2

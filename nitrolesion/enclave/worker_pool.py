@@ -45,10 +45,11 @@ class WorkerPool:
       four mirror views, the float16 weights expanded and packed as float32), so a worker
       is a thread and one preprocessed image (~1.5 MiB);
     - the enclave runs 2 single-threaded interpreters on 2 CPUs (service.py's
-      ``default_interpreters``): 7-14 % faster than one on both CPUs, which waits for both
-      at every layer; the second costs its ~29 MiB once, whatever the worker count. Sharing
-      the packed weights (XNNPACK's weight cache) is only offered by LiteRT's CompiledModel,
-      whose run holds the GIL, and would leave ~19 MiB of activations per interpreter;
+      ``default_interpreters``): in-process 11-17 % more images/s than one on both CPUs,
+      which waits for both at every layer; the second costs its ~29 MiB once, whatever
+      the worker count. Sharing the packed weights (XNNPACK's weight cache) is only
+      offered by LiteRT's CompiledModel, whose run holds the GIL, and would still leave
+      ~19 MiB of activations per interpreter;
     - one thread owns each interpreter: workers that took turns on an interpreter under a
       lock were 15-25 % slower in-process than one thread invoking while another decodes
       ahead.
