@@ -54,11 +54,10 @@ IO_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 5.0
 #: Concurrent client connections; each costs one thread and at most one 24 MiB frame.
 MAX_CONNECTIONS = 64
-#: Worker threads (decode, deliver) around the one interpreter, which runs on every CPU. 3,
-#: not the CPU count: a worker holds its image from decoding until its answer is sent, so
+#: Worker threads (decode, deliver) around the interpreters. 3, not the CPU count: a worker holds its image from decoding until its answer is sent, so
 #: with 2 the image after next waits for a delivery before it can be decoded; the third
-#: decodes it ahead. 3 measured fastest of 1-4 (bench/worker_count.py, docs/PERFORMANCE.md);
-#: each worker costs ~1.5 MiB.
+#: decodes it ahead. 3 measured fastest of 1-4 with one interpreter and tied with 4 with two
+#: (bench/worker_count.py, docs/PERFORMANCE.md); each worker costs ~1.5-2.4 MiB.
 DEFAULT_WORKERS = 3
 #: TFLite interpreters the workers share, at most (fewer on fewer CPUs: default_interpreters).
 #: On 2 CPUs, two single-threaded interpreters classified 11-17 % more images/s in-process
