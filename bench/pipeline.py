@@ -1,7 +1,8 @@
 """The whole pipeline (client -> TCP -> enclave process -> workers) against in-process inference.
 
     .venv/bin/python bench/pipeline.py [--images 50,200,1000] [--rounds 2] [--single 20]
-                                       [--window 4] [--workers N] [--queue 16] [--eif enclave.eif]
+                                       [--window 4] [--workers N] [--interpreters N] [--queue 16]
+                                       [--eif enclave.eif]
                                        [--app OTHER_CHECKOUT/enclave/app.py]
 
 In one run, on the same images and the same model file, for each image count:
