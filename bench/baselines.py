@@ -10,7 +10,7 @@ using every core the way that configuration can:
 - ``1 interpreter x N threads, preprocessing 2 ahead on another thread``: one thread
   decodes while another runs the interpreter;
 - ``the enclave's WorkerPool in-process``: nitrolesion/enclave/worker_pool.py itself (workers
-  preprocess, one inference thread), images submitted from this thread: the enclave
+  preprocess, the enclave's default interpreters, each on its inference thread), images submitted from this thread: the enclave
   without protocol, sockets or crypto;
 - ``batch of B, 1 interpreter x N threads``: B images preprocessed, then one invocation
   with a batch dimension of B (the model's input is (-1, S, S, 3)).
@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from bench.machine import OtherCpu
-from nitrolesion.enclave.service import DEFAULT_WORKERS
+from nitrolesion.enclave.service import DEFAULT_WORKERS, default_interpreters
 from nitrolesion.model.classifier import LesionModel, ModelOutput, Prediction, normalised, usable_cpus
 from nitrolesion.model.preprocess import preprocess_image
 
@@ -146,7 +146,7 @@ def worker_pool(model: LesionModel, workers: int) -> Callable:
 
     queue_size = 16
     pool = WorkerPool(model, workers, queue_size, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS,
-                      MemoryBudget(1 << 34))
+                      MemoryBudget(1 << 34), interpreters=default_interpreters())
 
     def classify_all(images):
         predictions: list = [None] * len(images)
@@ -217,7 +217,8 @@ def configurations(model: LesionModel, cpus: int | None = None,
             (f"1 interpreter x {n} threads", sequential(model, n)),
             (f"1 interpreter x {n} threads, preprocessing 2 ahead on another thread",
              preprocessing_ahead(model, n)),
-            (f"the enclave's WorkerPool in-process ({pool_workers} workers)",
+            (f"the enclave's WorkerPool in-process ({pool_workers} workers, "
+             f"{default_interpreters()} interpreters)",
              worker_pool(model, pool_workers)),
         ]
     configs += [(f"batch of {b}, 1 interpreter x {n} threads", batched(model, n, b)) for b in (2, 4)]

@@ -4,8 +4,8 @@
 
 Measures, on the same images in one run: (a) baseline = Pillow decode only, (b) the shared
 preprocessing, (c) preprocessing + interpreter (what the enclave does per image), all on one
-core, then (d) = (c) with the interpreter on every core this process may use (the enclave's
-one interpreter runs on all its CPUs), one image at a time. Images are dataset images from
+core, then (d) = (c) with the interpreter on every core this process may use (as the
+enclave's one interpreter does with ``--interpreters 1``), one image at a time. Images are dataset images from
 $HAM10000_DIR (default ../shared/ham10000) re-encoded at a full-photo size (600x450 by
 default), else the seven test-split samples in sample_images/ re-encoded the same way. It
 prints the load average and the CPU share other processes took while (c) and (d) ran:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  other processes used {other.share:.0%} of the CPUs meanwhile")
     print(f"target <= {TARGET_MS:g} ms per image: "
           f"{'met' if mean_full <= TARGET_MS else 'NOT met'} ({mean_full:.2f} ms)")
-    if all_cpus and len(all_cpus) > 1:  # the enclave's layout: one interpreter on every CPU
+    if all_cpus and len(all_cpus) > 1:  # the enclave's --interpreters 1: one interpreter on every CPU
         os.sched_setaffinity(0, all_cpus)
         several = model.new_classifier(num_threads=len(all_cpus))
         for photo in photos[:5]:

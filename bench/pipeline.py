@@ -1,7 +1,8 @@
 """The whole pipeline (client -> TCP -> enclave process -> workers) against in-process inference.
 
     .venv/bin/python bench/pipeline.py [--images 50,200,1000] [--rounds 2] [--single 20]
-                                       [--window 4] [--workers N] [--queue 16] [--eif enclave.eif]
+                                       [--window 4] [--workers N] [--interpreters N] [--queue 16]
+                                       [--eif enclave.eif]
                                        [--app OTHER_CHECKOUT/enclave/app.py]
 
 In one run, on the same images and the same model file, for each image count:
@@ -59,7 +60,7 @@ from nitrolesion.model.classifier import DEFAULT_MODEL_PATH, LesionModel, usable
 from nitrolesion.model.dataset import default_data_dir, load_split
 from nitrolesion.model.labels import CODES
 from nitrolesion.transport import TcpEndpoint
-from nitrolesion.enclave.service import MAX_CONNECTIONS
+from nitrolesion.enclave.service import MAX_CONNECTIONS, default_interpreters
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.wire.frames import BUFFER_FRAMES, HEADER_SIZE, MAX_BODY
 from nitrolesion.parent.enclave_client import DEFAULT_WINDOW, EnclaveClient, Trust
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                         help=f"requests in flight in the batch (default {DEFAULT_WINDOW}, as parent.py)")
     parser.add_argument("--workers", type=int, help="enclave --workers (default: the enclave's own)")
+    parser.add_argument("--interpreters", type=int,
+                        help="enclave --interpreters (default: the enclave's own)")
     parser.add_argument("--queue", type=int, default=16, help="enclave --queue (default 16, its own)")
     parser.add_argument("--eif", type=Path, help="a built enclave.eif, to apply nitro-cli's 4x rule")
     parser.add_argument("--app", type=Path, default=ENCLAVE_APP,
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = configurations(model)
     baselines: dict[int, list[list[Run]]] = {n: [] for n in counts}
     batches: dict[int, list[Batch]] = {n: [] for n in counts}
-    extra = ["--queue", str(args.queue)] + (["--workers", str(args.workers)] if args.workers else [])
+    extra = (["--queue", str(args.queue)] + (["--workers", str(args.workers)] if args.workers else [])
+             + (["--interpreters", str(args.interpreters)] if args.interpreters else []))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as state:
         enclave = LocalEnclave(Path(state), extra, app=args.app)
         try:
@@ -394,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     # -- throughput: best round of each configuration and of the batch, per count ------------
     print(f"\nthroughput in images/s, best of {args.rounds} round(s); in brackets every round, "
           "with the share of the CPUs other processes took during it;\n"
-          f"batch = client -> TCP -> enclave, window {args.window}, {workers} workers")
+          f"batch = client -> TCP -> enclave, window {args.window}, {workers} workers, "
+          f"{args.interpreters or default_interpreters()} interpreter(s)")
     names = [name for name, _ in configs]
     measured = {(n, name): [run for runs in baselines[n] for run in runs if run.name == name]
                 for n in counts for name in names}

@@ -39,7 +39,8 @@ RECOMMENDED_ENCLAVE_MIB = 768
 #: (both measured by bench/pipeline.py, see README "Performance").
 SYSTEM_MIB = 315 + 64
 #: The enclave process at rest with 2 workers: Python, the model, two interpreters
-#: (125 MiB at start and 142 MiB peak in the 2-minute soak; rounded up).
+#: (125 MiB at start and 142 MiB peak in the 2-minute soak; rounded up; with the triage, 135
+#: MiB ready and 145-150 MiB peak for 1-4 workers, bench/worker_memory.py 2026-12-03 16:05).
 BASELINE_RSS_MIB = 150
 #: Share of what is left that requests may hold; the rest absorbs what is not charged
 #: (allocator slack, interpreter scratch, per-connection threads).

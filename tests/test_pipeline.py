@@ -232,7 +232,8 @@ def test_enclave_refuses_to_start_without_nsm_or_dev_flag(model_present):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--workers", "0"], "--workers, --queue and --max-connections must be at least 1"),
+    (["--workers", "0"], "--workers, --interpreters, --queue and --max-connections must be at"),
+    (["--interpreters", "0"], "--workers, --interpreters, --queue and --max-connections must be at"),
     (["--io-timeout", "0"], "--io-timeout and --handshake-timeout must be positive"),
     (["--max-image-bytes", "0"], "--max-image-bytes must be between 1 and"),
     (["--max-image-bytes", str(30 * 1024 * 1024)], "(what one message can carry)"),

@@ -1,4 +1,4 @@
-"""The enclave's WorkerPool in-process: one interpreter whatever the worker count, answers
+"""The enclave's WorkerPool in-process: its interpreters whatever the worker count, answers
 equal to the in-process classifier's, and per-job failures that leave the pool serving.
 
 The pool is driven directly (no sockets, no protocol); test_service_concurrency.py covers
@@ -67,9 +67,14 @@ def same(prediction, expected) -> bool:
         abs(prediction.probabilities[c] - expected.probabilities[c]) <= TOLERANCE for c in CODES)
 
 
-def test_one_interpreter_whatever_the_worker_count(model, monkeypatch):
+@pytest.mark.parametrize("options, expected", [
+    ({"workers": 4}, lambda cpus: [cpus]),  # one interpreter on every CPU
+    ({"workers": 3, "inference_threads": 1}, lambda cpus: [1]),
+    ({"workers": 3, "interpreters": 2}, lambda cpus: [max(1, cpus // 2)] * 2),  # CPUs shared out
+])
+def test_interpreters_whatever_the_worker_count(model, monkeypatch, options, expected):
     # Each interpreter holds ~29 MiB (bench/worker_memory.py), so workers must not each
-    # make one: the pool makes exactly one, on every CPU by default.
+    # make one: the pool makes exactly ``interpreters`` (default 1), each on its own thread.
     made = []
     original = LesionModel.new_classifier
 
@@ -78,23 +83,24 @@ def test_one_interpreter_whatever_the_worker_count(model, monkeypatch):
         return original(self, num_threads)
 
     monkeypatch.setattr(LesionModel, "new_classifier", counting)
-    pool = new_pool(model, workers=4)
+    pool = new_pool(model, **options)
     try:
-        assert made == [usable_cpus()]
-    finally:
-        pool.close()
-    made.clear()
-    pool = new_pool(model, workers=3, inference_threads=1)
-    try:
-        assert made == [1]
+        assert made == expected(usable_cpus())
+        assert len(pool._inference) == len(made)
     finally:
         pool.close()
 
 
-def test_answers_equal_the_in_process_classifier(model, reference, many_image_paths):
+def test_a_pool_without_interpreters_is_refused(model):
+    with pytest.raises(ValueError, match="at least one interpreter"):
+        new_pool(model, interpreters=0)
+
+
+@pytest.mark.parametrize("interpreters", [1, 2])
+def test_answers_equal_the_in_process_classifier(model, reference, many_image_paths, interpreters):
     images = [path.read_bytes() for path in many_image_paths[:40]]
     expected = [reference.classify(image) for image in images]
-    pool = new_pool(model, workers=3, queue_size=len(images))
+    pool = new_pool(model, workers=3, queue_size=len(images), interpreters=interpreters)
     answers = Answers()
     try:
         submitters = [threading.Thread(target=lambda part=part: [
@@ -209,13 +215,24 @@ def test_interpreter_failure_is_an_internal_error_for_that_job_only(model, refer
     assert got[1][1] is None and same(got[1][0], reference.classify(image))
 
 
-def test_close_answers_every_queued_job_then_stops_every_thread(model, test_image_paths):
+@pytest.mark.parametrize("interpreters", [1, 2])
+def test_close_answers_every_queued_job_then_stops_every_thread(model, test_image_paths,
+                                                                interpreters):
     images = [path.read_bytes() for path in test_image_paths]
-    pool = new_pool(model, workers=2, queue_size=len(images))
+    pool = new_pool(model, workers=2, queue_size=len(images), interpreters=interpreters)
     answers = Answers()
     for number, image in enumerate(images):
         pool.submit(image, answers.done_for(number))
     pool.close()  # returns only once queued jobs are answered
     assert sorted(answers.got) == list(range(len(images)))
     assert all(error is None for _, error in answers.got.values())
-    assert not any(thread.is_alive() for thread in [*pool._threads, pool._inference])
+    assert not any(thread.is_alive() for thread in [*pool._threads, *pool._inference])
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (8, 2)])
+def test_the_enclave_runs_one_interpreter_per_cpu_at_most_two(monkeypatch, cpus, expected):
+    # A second interpreter costs ~29 MiB: worth it on 2+ CPUs (docs/PERFORMANCE.md), not on 1.
+    from nitrolesion.enclave import service
+    monkeypatch.setattr(service, "usable_cpus", lambda: cpus)
+    assert service.default_interpreters() == expected
+    assert service.ServiceConfig("tcp", "127.0.0.1", 3, 1, 2).interpreters == expected

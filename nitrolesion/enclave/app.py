@@ -26,7 +26,8 @@ from pathlib import Path
 from nitrolesion.attestation.errors import AttestationUnavailable
 from nitrolesion.attestation.provider import open_attestation_provider
 from nitrolesion.enclave.service import (
-    DEFAULT_WORKERS, HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig)
+    DEFAULT_WORKERS, HANDSHAKE_TIMEOUT, IO_TIMEOUT, MAX_CONNECTIONS, EnclaveService, ServiceConfig,
+    default_interpreters)
 from nitrolesion.limits import DEFAULT_TCP_HOST, PROJECT_ROOT
 from nitrolesion.errors import NitroLesionError, UsageError
 from nitrolesion.memory_budget import RECOMMENDED_ENCLAVE_MIB, budget_for_enclave_memory
@@ -119,9 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEVELOPMENT ONLY: sign attestation documents with a local "
                              "development authority kept in DIR instead of /dev/nsm")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="threads that decode images and deliver answers around the one "
-                             "interpreter, which runs on every CPU (default %(default)s, the "
-                             "fastest measured)")
+                        help="threads that decode images and deliver answers around the "
+                             "interpreters (default %(default)s, the fastest measured)")
+    parser.add_argument("--interpreters", type=int, default=default_interpreters(),
+                        help="TFLite interpreters, the CPUs shared out between them (default "
+                             "here %(default)s: 2, 1 on a one-CPU machine); each beyond the first costs "
+                             "~29 MiB; on 2 CPUs 2 reached 0.96-1.03x of the best in-process rate, "
+                             "1 0.87-0.94x (docs/PERFORMANCE.md)")
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs waiting beyond the workers before answering BUSY (default 16)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
@@ -163,8 +168,9 @@ def checked_memory_budget(args) -> int:
     check_cid(args.parent_cid, "parent_cid", 1)
     check_port(args.client_port, "client_port")
     check_port(args.parent_port, "parent_port")
-    if args.workers < 1 or args.queue < 1 or args.max_connections < 1:
-        raise UsageError("--workers, --queue and --max-connections must be at least 1")
+    if min(args.workers, args.interpreters, args.queue, args.max_connections) < 1:
+        raise UsageError("--workers, --interpreters, --queue and --max-connections must be at "
+                         "least 1")
     if not (args.io_timeout > 0 and args.handshake_timeout > 0):
         raise UsageError("--io-timeout and --handshake-timeout must be positive")
     if not 1 <= args.max_image_bytes <= MAX_IMAGE_IN_MESSAGE:
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ServiceConfig(
             transport=args.transport, host=args.host, parent_cid=args.parent_cid,
             client_port=args.client_port, parent_port=args.parent_port, workers=args.workers,
-            queue_size=args.queue, max_connections=args.max_connections,
+            interpreters=args.interpreters, queue_size=args.queue, max_connections=args.max_connections,
             io_timeout=args.io_timeout, handshake_timeout=args.handshake_timeout,
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, memory_budget=memory_budget, once=args.once)
@@ -226,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     server = threading.Thread(target=service.serve, name="accept", daemon=True)
     server.start()
     service.ready.wait()
-    log.info("ready in %.2f s (key generation %.2f s, %d workers, model %s, memory budget "
-             "%d MiB for --memory %d)", time.perf_counter() - started, service.keygen_seconds,
-             args.workers, args.model.name, memory_budget // (1024 * 1024), args.memory)
+    log.info("ready in %.2f s (key generation %.2f s, %d workers, %d interpreters, model %s, "
+             "memory budget %d MiB for --memory %d)", time.perf_counter() - started,
+             service.keygen_seconds, args.workers, args.interpreters, args.model.name, memory_budget // (1024 * 1024), args.memory)
     while server.is_alive():
         server.join(timeout=0.5)
         if service.parent.fatal is not None:

@@ -27,7 +27,7 @@ from nitrolesion.crypto.envelope import generate_keypair, public_key_der
 from nitrolesion.errors import NitroLesionError, TransportError
 from nitrolesion.limits import ANY_CID
 from nitrolesion.memory_budget import MemoryBudget, budget_for_enclave_memory
-from nitrolesion.model.classifier import LesionModel
+from nitrolesion.model.classifier import LesionModel, usable_cpus
 from nitrolesion.model.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from nitrolesion.protocol import EnclaveSession
 from nitrolesion.transport import FramedConnection, accept, endpoint_for, listen
@@ -37,7 +37,7 @@ from nitrolesion.enclave.connection import ConnectionHandler
 from nitrolesion.enclave.parent_link import ParentLink
 from nitrolesion.enclave.worker_pool import WorkerPool
 
-__all__ = ["DEFAULT_WORKERS", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
+__all__ = ["DEFAULT_INTERPRETERS", "DEFAULT_WORKERS", "default_interpreters", "HANDSHAKE_TIMEOUT", "IO_TIMEOUT", "MAX_CONNECTIONS", "EnclaveService",
            "ServiceConfig"]
 
 log = logging.getLogger("enclave")
@@ -54,12 +54,25 @@ IO_TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 5.0
 #: Concurrent client connections; each costs one thread and at most one 24 MiB frame.
 MAX_CONNECTIONS = 64
-#: Worker threads (decode, deliver) around the one interpreter, which runs on every CPU. 3,
-#: not the CPU count: a worker holds its image from decoding until its answer is sent, so
+#: Worker threads (decode, deliver) around the interpreters. 3, not the CPU count: a worker holds its image from decoding until its answer is sent, so
 #: with 2 the image after next waits for a delivery before it can be decoded; the third
-#: decodes it ahead. 3 measured fastest of 1-4 (bench/worker_count.py, docs/PERFORMANCE.md);
-#: each worker costs ~1.5 MiB.
+#: decodes it ahead. 3 measured fastest of 1-4 with one interpreter and tied with 4 with two
+#: (bench/worker_count.py, docs/PERFORMANCE.md); each worker costs ~1.5-2.4 MiB.
 DEFAULT_WORKERS = 3
+#: TFLite interpreters the workers share, at most (fewer on fewer CPUs: default_interpreters).
+#: On 2 CPUs, two single-threaded interpreters classified 11-17 % more images/s in-process
+#: than one on both CPUs, which waits for both at every layer; through the enclave they
+#: reach 0.96-1.03x of the best in-process configuration, one 0.87-0.94x (bench/pipeline.py,
+#: docs/PERFORMANCE.md). The second costs ~29 MiB, once, whatever --workers is (its own activations,
+#: ~19 MiB, and its own packed weights: sharing those, XNNPACK's weight cache, comes only
+#: with LiteRT's CompiledModel, whose run holds the GIL, bench/weight_cache.py).
+DEFAULT_INTERPRETERS = 2
+
+
+def default_interpreters() -> int:
+    """``DEFAULT_INTERPRETERS``, but no more than the CPUs this process may use: a second
+    interpreter on one CPU would cost its memory and buy nothing."""
+    return max(1, min(DEFAULT_INTERPRETERS, usable_cpus()))
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
@@ -79,6 +92,7 @@ class ServiceConfig:
     client_port: int
     parent_port: int
     workers: int = DEFAULT_WORKERS
+    interpreters: int = field(default_factory=default_interpreters)
     queue_size: int = 16
     max_connections: int = MAX_CONNECTIONS
     io_timeout: float = IO_TIMEOUT
@@ -103,7 +117,8 @@ class EnclaveService:
         self.public_key = public_key_der(self._private_key)
         self.budget = MemoryBudget(config.memory_budget)
         self.pool = WorkerPool(model, config.workers, config.queue_size,
-                               config.max_image_bytes, config.max_image_pixels, self.budget)
+                               config.max_image_bytes, config.max_image_pixels, self.budget,
+                               interpreters=config.interpreters)
         self._stopping = threading.Event()
         self.parent = ParentLink(
             endpoint_for(config.transport, config.parent_cid, config.parent_port, config.host),

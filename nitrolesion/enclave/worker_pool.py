@@ -1,4 +1,4 @@
-"""The enclave's worker pool: a bounded job queue, decoding workers, one shared interpreter.
+"""The enclave's worker pool: a bounded job queue, decoding workers, shared interpreters.
 
 Nothing here logs an image or a label: log lines name failures by kind only.
 """
@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 from nitrolesion.errors import Busy, ImageError, NitroLesionError
 from nitrolesion.memory_budget import MIB, MemoryBudget, Reservation
-from nitrolesion.model.classifier import LesionModel, Prediction, usable_cpus
+from nitrolesion.model.classifier import Classifier, LesionModel, Prediction, usable_cpus
 from nitrolesion.model.preprocess import decoded_bytes_estimate
 
 __all__ = ["WorkerPool"]
@@ -27,36 +27,56 @@ def _until_closed(source: queue.Queue | queue.SimpleQueue) -> Iterator:
 
 
 class WorkerPool:
-    """``workers`` threads fed by one bounded queue, and one interpreter on its own thread.
+    """``workers`` threads fed by one bounded queue, and ``interpreters`` interpreters, each
+    on an inference thread of its own.
 
     A job goes: the bounded job queue (full: BUSY) -> a worker decodes and preprocesses it,
-    under a memory reservation for its decoded pixels -> the inference thread runs the
-    pool's one TFLite interpreter on it, on ``inference_threads`` threads (default: every CPU
-    this process may use) -> the same worker turns the output into a prediction and calls
-    ``done`` (seal and send). While the interpreter runs one image, the other workers
-    decode the next ones and deliver earlier answers, so it never waits for decoding, and a
-    client slow to read its answers holds one worker, not the interpreter.
+    under a memory reservation for its decoded pixels -> whichever inference thread is free
+    runs its TFLite interpreter on it, on ``inference_threads`` threads (default: the CPUs
+    this process may use, shared out between the interpreters) -> the same worker turns the
+    output into a prediction and calls ``done`` (seal and send). While an interpreter runs
+    one image, the other workers decode the next ones and deliver earlier answers, so it
+    never waits for decoding, and a client slow to read its answers holds one worker, not
+    an interpreter.
 
-    Why this layout (measured by bench/pipeline.py and bench/worker_memory.py):
-    - one interpreter: each holds ~29 MiB (its activation arena for the four mirror views,
-      the float16 weights expanded to float32), so one per worker made every worker beyond
-      the first cost ~31 MiB; a worker is now a thread and one preprocessed image (~2.5 MiB);
-    - one thread owns it: workers that took turns on the interpreter under a lock were
-      15-25 % slower in-process than one thread invoking while another decodes ahead.
+    Why this layout (measured by bench/pipeline.py, bench/worker_memory.py and
+    bench/weight_cache.py; docs/PERFORMANCE.md):
+    - interpreters are not per worker: each holds ~29 MiB (~19 MiB of activations for the
+      four mirror views, the float16 weights expanded and packed as float32), so a worker
+      is a thread and one preprocessed image (~1.5 MiB);
+    - the enclave runs 2 single-threaded interpreters on 2 CPUs (service.py's
+      ``default_interpreters``): in-process 11-17 % more images/s than one on both CPUs,
+      which waits for both at every layer; the second costs its ~29 MiB once, whatever
+      the worker count. Sharing the packed weights (XNNPACK's weight cache) is only
+      offered by LiteRT's CompiledModel, whose run holds the GIL, and would still leave
+      ~19 MiB of activations per interpreter;
+    - one thread owns each interpreter: workers that took turns on an interpreter under a
+      lock were 15-25 % slower in-process than one thread invoking while another decodes
+      ahead.
     """
 
     def __init__(self, model: LesionModel, workers: int, queue_size: int,
                  max_bytes: int, max_pixels: int, budget: MemoryBudget,
-                 inference_threads: int | None = None) -> None:
+                 inference_threads: int | None = None, interpreters: int = 1) -> None:
+        """``inference_threads``: threads per interpreter (default: the usable CPUs divided
+        among the ``interpreters``, at least 1)."""
+        if interpreters < 1:
+            raise ValueError("a worker pool needs at least one interpreter")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._max = (max_bytes, max_pixels)
         self._budget = budget
         self._input_size = model.input_size
-        self._classifier = model.new_classifier(num_threads=inference_threads or usable_cpus())
+        threads = inference_threads or max(1, usable_cpus() // interpreters)
+        classifiers = [model.new_classifier(num_threads=threads) for _ in range(interpreters)]
+        # Decoding and building the prediction need no interpreter: any one will do.
+        self._classifier = classifiers[0]
         # (pixels, where to answer): at most one per worker, so it needs no bound of its own.
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._inference = threading.Thread(target=self._infer, name="inference", daemon=True)
-        self._inference.start()
+        self._inference = [threading.Thread(target=self._infer, args=(classifier,),
+                                            name=f"inference-{index}", daemon=True)
+                           for index, classifier in enumerate(classifiers)]
+        for thread in self._inference:
+            thread.start()
         self._threads = []
         for index in range(workers):
             thread = threading.Thread(target=self._run, name=f"worker-{index}", daemon=True)
@@ -70,11 +90,11 @@ class WorkerPool:
         except queue.Full:
             raise Busy("the enclave's queue is full; try again shortly") from None
 
-    def _infer(self) -> None:
-        """The inference thread: the only user of the interpreter."""
+    def _infer(self, classifier: Classifier) -> None:
+        """An inference thread: the only user of ``classifier``'s interpreter."""
         for pixels, answer in _until_closed(self._ready):
             try:
-                answer.put(self._classifier.predict_array(pixels))
+                answer.put(classifier.predict_array(pixels))
             except Exception as exc:  # handed to the worker, which logs it and answers
                 answer.put(exc)
 
@@ -119,10 +139,12 @@ class WorkerPool:
         return reservation
 
     def close(self) -> None:
-        """Finish queued jobs, then stop the workers and the inference thread."""
+        """Finish queued jobs, then stop the workers and the inference threads."""
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join()
-        self._ready.put(None)
-        self._inference.join()
+        for _ in self._inference:
+            self._ready.put(None)
+        for thread in self._inference:
+            thread.join()

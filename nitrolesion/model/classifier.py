@@ -1,13 +1,14 @@
-"""Inference with the shipped TFLite model: load once, one interpreter per process.
+"""Inference with the shipped TFLite model: load once, few interpreters per process.
 
 ``LesionModel`` reads the model file, labels and triage file (``<model>.triage.npz``, see
 nitrolesion/model/triage.py) once; ``LesionModel.new_classifier()`` gives
 a :class:`Classifier` that owns one TFLite interpreter. An interpreter is not thread-safe:
 one thread at a time may call :meth:`Classifier.predict_array` (the enclave's WorkerPool
-gives it one thread of its own), and it is given several threads (``num_threads``) rather
-than made several times: each interpreter holds ~29 MiB (its activation arena, where the
-widest layer is four mirror views of 96x96x96 float32, and the float16 weights expanded to
-float32), so every extra one costs that again (bench/worker_memory.py).
+gives each of its interpreters a thread of its own). Interpreters are made sparingly: each
+holds ~29 MiB (~19 MiB of activations, where the widest layer is four mirror views of
+96x96x96 float32, and the float16 weights expanded and packed as float32), so every extra
+one costs that again (bench/worker_memory.py, bench/weight_cache.py); the enclave makes one
+per CPU, at most 2 (nitrolesion/enclave/service.py).
 :meth:`Classifier.preprocess`, the decoding half, needs no interpreter: any thread may run it.
 """
 
