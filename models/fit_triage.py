@@ -19,7 +19,9 @@ environment only: never the enclave's). Steps, each on the split the issue names
    headline figures with lesion-bootstrap intervals, ECE before and after, flag rates;
    ``--report`` (JSON) and ``--figures`` (ROC, reliability diagram, confusion matrix PNGs).
 
-The test split is used for nothing but the report.
+The test split is used for nothing but the report; ``--no-test`` does not read it at all
+(fit and write the triage file, report validation only), so a candidate can be put in
+place and its suite run before the test split scores it.
 """
 
 from __future__ import annotations
@@ -171,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="npz of the model's outputs: read if present, else written "
                              "(refitting without rerunning the model)")
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not read the test split: fit, write the triage file and "
+                             "report validation only (no figures)")
     args = parser.parse_args(argv)
+    if args.no_test and args.cache:
+        parser.error("--cache holds every split's outputs; it cannot be used with --no-test")
+    scored_splits = ("val",) if args.no_test else ("val", "test")
 
     model = LesionModel(args.model, args.labels, triage=False)
     classifier = model.new_classifier()
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         by_id = {r.image_id: r for r in read_metadata(data_dir / "HAM10000_metadata.csv")}
         outputs = {split: split_outputs(classifier, data_dir, split, by_id)
-                   for split in ("train", "val", "test")}
+                   for split in ("train", *scored_splits)}
         others = {**{f"skimage/{k}": v for k, v in skimage_inputs().items()},
                   **{f"synthetic/{k}": v for k, v in synthetic_inputs().items()}}
         names, probabilities, features, refused = run(classifier, others)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(args.cache, model_sha256=np.array(sha256),
                      outputs=np.array(json.dumps(serial)))
     inference_seconds = time.perf_counter() - started
-    train, val, test, others = (outputs[k] for k in ("train", "val", "test", "not_lesions"))
+    train, val, others = (outputs[k] for k in ("train", "val", "not_lesions"))
 
     # -- fit on validation (temperature, refer) and train (feature Gaussians) --
     temperature = (args.temperature if args.temperature is not None
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fitted_on": "train features (class means, shared covariance)"},
         "splits": {}}
     drawn = {}
-    for name, part in (("val", val), ("test", test)):
+    for name in scored_splits:
+        part = outputs[name]
         calibrated, malignant, ood, not_lesion, refer = scored(part)
         y = part["y"]
         figures = {**headline_figures(y, calibrated, CODES),
@@ -279,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         "not_flagged": [n for n, f in zip(others["ids"], others_flag) if not f],
         "scores": {n: round(float(s), 1) for n, s in zip(others["ids"], others_ood)},
     }
-    report["test_summary"] = summarize(drawn["test"][0], drawn["test"][2], list(CODES))
+    if args.no_test:
+        report["splits"]["test"] = "not read (--no-test)"
+    else:
+        report["test_summary"] = summarize(drawn["test"][0], drawn["test"][2], list(CODES))
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.figures:
+    if args.figures and not args.no_test:
         from triage_figures import draw_all  # noqa: E402 (matplotlib only when drawing)
 
         draw_all(args.figures, drawn["test"], refer_threshold, report)
