@@ -326,3 +326,14 @@ def test_predictions_file_carries_the_triage_columns(tmp_path):
         read_predictions(path)
     write_predictions(path, Predictions(["A"], ["mel", "nv"], probabilities[:1]))
     assert read_predictions(path).malignant is None
+
+
+def test_fit_triage_without_the_test_split_refuses_a_cache(tmp_path):
+    """--no-test never reads the test split; a --cache holds every split's outputs, so the
+    two together are a usage error, before any model runs."""
+    run = subprocess.run([PYTHON, str(ROOT / "models" / "fit_triage.py"), "--no-test",
+                          "--cache", str(tmp_path / "outputs.npz")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert "--cache holds every split's outputs; it cannot be used with --no-test" in run.stderr
+    assert not (tmp_path / "outputs.npz").exists()
