@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ServiceConfig(
             transport=args.transport, host=args.host, parent_cid=args.parent_cid,
             client_port=args.client_port, parent_port=args.parent_port, workers=args.workers,
-            interpreters=args.interpreters, queue_size=args.queue, max_connections=args.max_connections,
+            interpreters=args.interpreters, queue_size=args.queue,
+            max_connections=args.max_connections,
             io_timeout=args.io_timeout, handshake_timeout=args.handshake_timeout,
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, memory_budget=memory_budget, once=args.once)
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     service.ready.wait()
     log.info("ready in %.2f s (key generation %.2f s, %d workers, %d interpreters, model %s, "
              "memory budget %d MiB for --memory %d)", time.perf_counter() - started,
-             service.keygen_seconds, args.workers, args.interpreters, args.model.name, memory_budget // (1024 * 1024), args.memory)
+             service.keygen_seconds, args.workers, args.interpreters, args.model.name,
+             memory_budget // (1024 * 1024), args.memory)
     while server.is_alive():
         server.join(timeout=0.5)
         if service.parent.fatal is not None:
