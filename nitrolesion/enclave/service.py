@@ -73,6 +73,8 @@ def default_interpreters() -> int:
     """``DEFAULT_INTERPRETERS``, but no more than the CPUs this process may use: a second
     interpreter on one CPU would cost its memory and buy nothing."""
     return max(1, min(DEFAULT_INTERPRETERS, usable_cpus()))
+
+
 #: When every connection slot is taken, a connection that has waited this long for its
 #: next frame with nothing in flight is closed to make room (TIMEOUT). A real client sends
 #: its next frame within milliseconds; one second spares a slow one, and 64 silent
